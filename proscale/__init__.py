@@ -1,0 +1,23 @@
+"""proscale: Mask2Former with the PRO-SCALE encoder (progressive token length scaling)."""
+from __future__ import annotations
+
+from proscale.config import ModelConfig, apply_overrides
+from proscale.presets import PRESETS, get_preset
+
+__version__ = "0.1.0"
+
+
+def build_model(preset: str | ModelConfig = "proscale_r50_333", num_classes: int | None = None,
+                overrides: list[str] | None = None):
+    """Builds a MaskFormer from a preset name or a ModelConfig (random weights)."""
+    from proscale.models.maskformer import build_maskformer
+
+    cfg = get_preset(preset) if isinstance(preset, str) else preset
+    if num_classes is not None:
+        cfg.num_classes = num_classes
+    if overrides:
+        apply_overrides(cfg, overrides)
+    return build_maskformer(cfg)
+
+
+__all__ = ["build_model", "get_preset", "PRESETS", "ModelConfig", "__version__"]

@@ -1,0 +1,54 @@
+"""Backbones from timm (`features_only`), returning res2..res5 (strides 4, 8, 16, 32)."""
+from __future__ import annotations
+
+import os
+
+import timm
+import torch
+from torch import nn
+
+from proscale.config import BackboneConfig
+
+
+class TimmBackbone(nn.Module):
+    """Wraps a timm `features_only` model.
+
+    forward: (B, 3, H, W) normalised images -> {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)}
+    """
+
+    def __init__(self, name: str, pretrained: bool = False, freeze_bn: bool = False, drop_path_rate: float = 0.0):
+        super().__init__()
+        kwargs = {"features_only": True, "pretrained": pretrained}
+        if drop_path_rate:
+            kwargs["drop_path_rate"] = drop_path_rate
+        if "swin" in name:
+            # Accept any input size that is a multiple of 32 (windows are padded inside).
+            kwargs.update(strict_img_size=False)
+        if not pretrained:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        body = timm.create_model(name, **kwargs)
+        reductions = body.feature_info.reduction()
+        wanted = [reductions.index(r) for r in (4, 8, 16, 32)]
+        if len(reductions) != 4:
+            body = timm.create_model(name, out_indices=tuple(wanted), **kwargs)
+        self.body = body
+        self.channels = body.feature_info.channels()
+        self.names = ("res2", "res3", "res4", "res5")
+        # Swin / ConvNeXt-style timm models may return channels-last maps.
+        self.channels_last = getattr(body, "output_fmt", "NCHW") == "NHWC"
+        if freeze_bn:
+            timm.layers.freeze_batch_norm_2d(self.body)
+
+    @property
+    def out_channels(self) -> dict[str, int]:
+        return dict(zip(self.names, self.channels))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.body(x)
+        if self.channels_last:
+            feats = [f.permute(0, 3, 1, 2) for f in feats]
+        return dict(zip(self.names, feats))
+
+
+def build_backbone(cfg: BackboneConfig) -> TimmBackbone:
+    return TimmBackbone(cfg.name, pretrained=cfg.pretrained, freeze_bn=cfg.freeze_bn, drop_path_rate=cfg.drop_path_rate)

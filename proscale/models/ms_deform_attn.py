@@ -1,0 +1,124 @@
+"""Multi-scale deformable attention (MSDeformAttn), pure PyTorch.
+
+Shapes used throughout:
+    B batch, Nq queries, S value tokens (sum of H_l * W_l over levels), M heads,
+    D channels per head, L levels, P sampling points per head and level.
+
+`spatial_shapes` is a tuple of (H_l, W_l) Python ints, never a tensor: that keeps the
+forward free of host syncs and friendly to torch.compile / torch.export.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SpatialShapes = tuple[tuple[int, int], ...]
+
+
+def ms_deform_attn_core(
+    value: torch.Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Bilinear sampling of every level + attention-weighted sum (the grid_sample form).
+
+    Args:
+        value: (B, S, M, D) projected values, levels concatenated in `spatial_shapes` order.
+        spatial_shapes: ((H_0, W_0), ...) of the L levels.
+        sampling_locations: (B, Nq, M, L, P, 2) as (x, y) in [0, 1] of each level's map.
+        attention_weights: (B, Nq, M, L, P), softmaxed over L * P.
+    Returns:
+        (B, Nq, M * D)
+    """
+    B, S, M, D = value.shape
+    _, Nq, _, L, P, _ = sampling_locations.shape
+    value_list = value.split([h * w for h, w in spatial_shapes], dim=1)
+    # grid_sample works on [-1, 1] with align_corners=False, i.e. pixel centres at (i+0.5)/W.
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(B * M, D, h, w)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*M, Nq, P, 2)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    weights = attention_weights.transpose(1, 2).reshape(B * M, 1, Nq, L * P)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (B*M, D, Nq)
+    return out.view(B, M * D, Nq).transpose(1, 2).contiguous()
+
+
+class MSDeformAttn(nn.Module):
+    """Deformable attention over L feature levels (Zhu et al., Deformable DETR).
+
+    Each query predicts, per head, P offsets and weights on each of the L levels around its
+    reference point, samples the values there bilinearly, and sums them.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._offset_scale: dict = {}  # (shapes, device, dtype) -> (L, 2) tensor of (1/W, 1/H)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.sampling_offsets.weight)
+        # Offsets start on 8 (n_heads) directions, radius growing with the point index.
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for lin in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def offset_scale(self, spatial_shapes: SpatialShapes, like: torch.Tensor) -> torch.Tensor:
+        """(L, 2) tensor of (1/W_l, 1/H_l), built once per input size and device."""
+        key = (spatial_shapes, like.device, like.dtype)
+        scale = self._offset_scale.get(key)
+        if scale is None:
+            scale = torch.tensor([[1.0 / w, 1.0 / h] for h, w in spatial_shapes], dtype=like.dtype, device=like.device)
+            if not torch.compiler.is_compiling():
+                self._offset_scale[key] = scale
+        return scale
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value: torch.Tensor,
+        spatial_shapes: SpatialShapes,
+    ) -> torch.Tensor:
+        """
+        Args:
+            query: (B, Nq, C) queries with position encoding added.
+            reference_points: (B or 1, Nq, L, 2) as (x, y) in [0, 1].
+            value: (B, S, C) tokens of the L levels, concatenated in `spatial_shapes` order.
+            spatial_shapes: ((H_l, W_l), ...) of the L levels, Python ints.
+        Returns:
+            (B, Nq, C)
+        """
+        B, Nq, _ = query.shape
+        S = value.shape[1]
+        L, M, P = self.n_levels, self.n_heads, self.n_points
+        if len(spatial_shapes) != L or sum(h * w for h, w in spatial_shapes) != S:
+            raise ValueError(f"value has {S} tokens but spatial_shapes {spatial_shapes} describe another layout")
+        v = self.value_proj(value).view(B, S, M, self.d_model // M)
+        offsets = self.sampling_offsets(query).view(B, Nq, M, L, P, 2)
+        weights = self.attention_weights(query).view(B, Nq, M, L * P).softmax(-1).view(B, Nq, M, L, P)
+        scale = self.offset_scale(spatial_shapes, offsets)
+        locations = reference_points[:, :, None, :, None, :] + offsets * scale[None, None, None, :, None, :]
+        out = ms_deform_attn_core(v, spatial_shapes, locations, weights)
+        return self.output_proj(out)

@@ -1,0 +1,147 @@
+"""Masked-attention transformer decoder with class and mask heads (Cheng et al., Mask2Former).
+
+Layer l cross-attends to level l % 3 of [res5, res4, res3], restricted to where the previous
+prediction's mask is on (sigmoid >= 0.5), then self-attends, then runs an FFN (post-norm).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from proscale.config import DecoderConfig
+from proscale.models.position_encoding import PositionEmbeddingSine
+
+
+def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    return x if pos is None else x + pos
+
+
+class CrossAttentionLayer(nn.Module):
+    def __init__(self, d_model: int, nhead: int):
+        super().__init__()
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=0.0)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, memory, memory_mask, pos, query_pos):
+        """tgt: (Q, B, C); memory: (HW, B, C); memory_mask: (B*heads, Q, HW) bool, True = blocked."""
+        out = self.multihead_attn(_with_pos(tgt, query_pos), _with_pos(memory, pos), memory, attn_mask=memory_mask,
+                                  need_weights=False)[0]
+        return self.norm(tgt + out)
+
+
+class SelfAttentionLayer(nn.Module):
+    def __init__(self, d_model: int, nhead: int):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=0.0)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, query_pos):
+        q = k = _with_pos(tgt, query_pos)
+        return self.norm(tgt + self.self_attn(q, k, tgt, need_weights=False)[0])
+
+
+class FFNLayer(nn.Module):
+    def __init__(self, d_model: int, dim_feedforward: int):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tgt):
+        return self.norm(tgt + self.linear2(F.relu(self.linear1(tgt))))
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = F.relu(layer(x)) if i < len(self.layers) - 1 else layer(x)
+        return x
+
+
+class MaskedAttentionDecoder(nn.Module):
+    """forward(maps, mask_features):
+        maps: [res5, res4, res3] pixel-decoder outputs, (B, C_l, H_l, W_l)
+        mask_features: (B, mask_dim, H/4, W/4)
+    returns {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs": [...] * dec_layers}
+    """
+
+    num_levels = 3
+
+    def __init__(self, in_channels: int, num_classes: int, cfg: DecoderConfig):
+        super().__init__()
+        d, n = cfg.hidden_dim, cfg.nheads
+        self.num_heads, self.num_layers = n, cfg.dec_layers
+        self.pe_layer = PositionEmbeddingSine(d // 2, normalize=True)
+        self.transformer_self_attention_layers = nn.ModuleList(SelfAttentionLayer(d, n) for _ in range(cfg.dec_layers))
+        self.transformer_cross_attention_layers = nn.ModuleList(CrossAttentionLayer(d, n) for _ in range(cfg.dec_layers))
+        self.transformer_ffn_layers = nn.ModuleList(FFNLayer(d, cfg.dim_feedforward) for _ in range(cfg.dec_layers))
+        self.decoder_norm = nn.LayerNorm(d)
+        self.query_feat = nn.Embedding(cfg.num_queries, d)  # learnable query features
+        self.query_embed = nn.Embedding(cfg.num_queries, d)  # learnable query positions
+        self.level_embed = nn.Embedding(self.num_levels, d)
+        self.input_proj = nn.ModuleList(
+            nn.Conv2d(in_channels, d, 1) if in_channels != d else nn.Identity() for _ in range(self.num_levels)
+        )
+        for proj in self.input_proj:
+            if isinstance(proj, nn.Conv2d):
+                nn.init.kaiming_uniform_(proj.weight, a=1)
+                nn.init.zeros_(proj.bias)
+        self.class_embed = nn.Linear(d, num_classes + 1)
+        self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
+        for layers in (self.transformer_self_attention_layers, self.transformer_cross_attention_layers,
+                       self.transformer_ffn_layers):
+            for p in layers.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+
+    def forward(self, maps: list[torch.Tensor], mask_features: torch.Tensor) -> dict:
+        B = mask_features.shape[0]
+        src, pos, sizes = [], [], []
+        for i in range(self.num_levels):
+            sizes.append(tuple(maps[i].shape[-2:]))
+            pos.append(self.pe_layer(maps[i]).flatten(2).permute(2, 0, 1))  # (HW, B, C)
+            s = self.input_proj[i](maps[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
+            src.append(s.permute(2, 0, 1))
+        query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, B, 1)  # (Q, B, C)
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, B, 1)
+
+        predictions = []
+        cls, masks, attn_mask = self.predict(output, mask_features, sizes[0])
+        predictions.append((cls, masks))
+        for i in range(self.num_layers):
+            level = i % self.num_levels
+            # A query whose mask is empty everywhere would attend to nothing: let it see all.
+            attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
+            output = self.transformer_cross_attention_layers[i](output, src[level], attn_mask, pos[level], query_pos)
+            output = self.transformer_self_attention_layers[i](output, query_pos)
+            output = self.transformer_ffn_layers[i](output)
+            cls, masks, attn_mask = self.predict(output, mask_features, sizes[(i + 1) % self.num_levels])
+            predictions.append((cls, masks))
+        return {
+            "pred_logits": predictions[-1][0],
+            "pred_masks": predictions[-1][1],
+            "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in predictions[:-1]],
+        }
+
+    def predict(self, output: torch.Tensor, mask_features: torch.Tensor, attn_size: tuple[int, int]):
+        """output (Q, B, C) -> class logits (B, Q, K+1), mask logits (B, Q, H/4, W/4),
+        attention mask (B*heads, Q, h*w) at the next level's size, True where blocked."""
+        x = self.decoder_norm(output).transpose(0, 1)
+        cls = self.class_embed(x)
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(x), mask_features)
+        attn = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
+        attn = (attn.sigmoid().flatten(2) < 0.5).detach()
+        attn = attn.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
+        return cls, masks, attn
+
+
+def build_transformer_decoder(in_channels: int, num_classes: int, cfg: DecoderConfig) -> MaskedAttentionDecoder:
+    return MaskedAttentionDecoder(in_channels, num_classes, cfg)
