@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from proscale.config import EncoderConfig
+from proscale.models.constant_cache import ConstantCache
 from proscale.models.ms_deform_attn import MSDeformAttn, SpatialShapes
 
 
@@ -120,7 +121,7 @@ class DeformableEncoder(nn.Module):
             for _ in range(count)
         )
         self.trc = TokenRecalibration(cfg.d_model, cfg.trc_temperature, cfg.trc_layout) if cfg.trc else None
-        self._ref_cache: dict = {}
+        self._ref_cache = ConstantCache()
 
     def stage_levels(self) -> list[int]:
         """Number of levels each layer sees, in order."""
@@ -129,12 +130,7 @@ class DeformableEncoder(nn.Module):
     def _reference_points(self, spatial_shapes: SpatialShapes, like: torch.Tensor) -> torch.Tensor:
         # Built once per input size: no per-call host-to-device copies (see shared/notes/GPU.md).
         key = (spatial_shapes, like.device, like.dtype)
-        ref = self._ref_cache.get(key)
-        if ref is None:
-            ref = reference_points(spatial_shapes, like.device, like.dtype)
-            if not torch.compiler.is_compiling():
-                self._ref_cache[key] = ref
-        return ref
+        return self._ref_cache.get(key, lambda: reference_points(spatial_shapes, like.device, like.dtype))
 
     def forward(self, tokens: list[torch.Tensor], pos: list[torch.Tensor], spatial_shapes: SpatialShapes) -> torch.Tensor:
         t5, t4, t3 = tokens

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from proscale.models.constant_cache import ConstantCache
+
 SpatialShapes = tuple[tuple[int, int], ...]
 
 
@@ -65,7 +67,7 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
-        self._offset_scale: dict = {}  # (shapes, device, dtype) -> (L, 2) tensor of (1/W, 1/H)
+        self._offset_scale = ConstantCache()  # (shapes, device, dtype) -> (L, 2) tensor of (1/W, 1/H)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -87,12 +89,8 @@ class MSDeformAttn(nn.Module):
     def offset_scale(self, spatial_shapes: SpatialShapes, like: torch.Tensor) -> torch.Tensor:
         """(L, 2) tensor of (1/W_l, 1/H_l), built once per input size and device."""
         key = (spatial_shapes, like.device, like.dtype)
-        scale = self._offset_scale.get(key)
-        if scale is None:
-            scale = torch.tensor([[1.0 / w, 1.0 / h] for h, w in spatial_shapes], dtype=like.dtype, device=like.device)
-            if not torch.compiler.is_compiling():
-                self._offset_scale[key] = scale
-        return scale
+        return self._offset_scale.get(key, lambda: torch.tensor(
+            [[1.0 / w, 1.0 / h] for h, w in spatial_shapes], dtype=like.dtype, device=like.device))
 
     def forward(
         self,

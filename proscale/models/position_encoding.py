@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from proscale.models.constant_cache import ConstantCache
+
 
 class PositionEmbeddingSine(nn.Module):
     """Sine/cosine encoding of (y, x) on an all-valid map.
@@ -18,17 +20,12 @@ class PositionEmbeddingSine(nn.Module):
                  scale: float = 2 * math.pi):
         super().__init__()
         self.num_pos_feats, self.temperature, self.normalize, self.scale = num_pos_feats, temperature, normalize, scale
-        self._cache: dict = {}
+        self._cache = ConstantCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) (only its size, device and dtype are used) -> (B, 2 * num_pos_feats, H, W)."""
         B, _, H, W = x.shape
-        key = (H, W, x.device, x.dtype)
-        pos = self._cache.get(key)
-        if pos is None:
-            pos = self._encode(H, W, x.device).to(x.dtype)
-            if not torch.compiler.is_compiling():
-                self._cache[key] = pos
+        pos = self._cache.get((H, W, x.device, x.dtype), lambda: self._encode(H, W, x.device).to(x.dtype))
         return pos.expand(B, -1, -1, -1)
 
     def _encode(self, H: int, W: int, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,224 @@
+"""Latency and peak memory, side by side: `proscale bench --preset A --vs B`.
+
+Every number comes from the same process and machine: warm-up runs, then the median and the
+10th/90th percentiles of repeated runs. The pixel decoder is timed on fixed backbone features
+(computed once), the whole model on images. "train" is forward + backward (+ the real Mask2Former
+loss for the whole model).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from proscale.analysis.memory import peak_memory_bytes
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+    peak_mb: float | None = None
+
+
+@dataclass
+class BenchReport:
+    device: str
+    size: tuple[int, int]
+    batch: int
+    dtype: str
+    threads: int
+    columns: list[str] = field(default_factory=list)
+    rows: dict[str, dict[str, Timing]] = field(default_factory=dict)  # "pixel_decoder/infer" -> column -> Timing
+
+    def table(self) -> str:
+        base = self.columns[0]
+        head = ["component / mode"] + [f"{c} ms (p10-p90)" for c in self.columns]
+        head += [f"{c}/{base}" for c in self.columns[1:]] + [f"{c} peak MB" for c in self.columns]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row, cells in self.rows.items():
+            vals = [row]
+            for c in self.columns:
+                t = cells.get(c)
+                vals.append(f"{t.median_ms:.1f} ({t.p10_ms:.1f}-{t.p90_ms:.1f})" if t else "n/a")
+            for c in self.columns[1:]:
+                a, b = cells.get(base), cells.get(c)
+                vals.append(f"{b.median_ms / a.median_ms:.2f}x" if a and b else "n/a")
+            for c in self.columns:
+                t = cells.get(c)
+                vals.append(f"{t.peak_mb:.0f}" if t and t.peak_mb is not None else "n/a")
+            lines.append("| " + " | ".join(vals) + " |")
+        title = (f"device {self.device}, {self.size[0]}x{self.size[1]}, batch {self.batch}, {self.dtype}, "
+                 f"{self.threads} threads")
+        return title + "\n" + "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Timing:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(round(p * (len(times) - 1))))]  # noqa: E731
+    return Timing(statistics.median(times), q(0.1), q(0.9), len(times))
+
+
+def _surrogate_loss(outputs) -> torch.Tensor:
+    """A cheap scalar touching every output, for backward through a component alone."""
+    tensors = [outputs[0]] + list(outputs[1]) if isinstance(outputs, tuple) else [outputs]
+    return sum(t.float().square().mean() for t in tensors)
+
+
+def _random_targets(batch: int, size: tuple[int, int], num_classes: int, device) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    targets = []
+    for _ in range(batch):
+        n = 5
+        masks = torch.zeros(n, *size, dtype=torch.bool)
+        for i in range(n):
+            y0, x0 = (int(torch.randint(0, s // 2, (1,), generator=g)) for s in size)
+            masks[i, y0:y0 + size[0] // 3, x0:x0 + size[1] // 3] = True
+        labels = torch.randint(0, num_classes, (n,), generator=g)
+        targets.append({"labels": labels.to(device), "masks": masks.to(device)})
+    return targets
+
+
+def component_fns(model, images: torch.Tensor, dtype: torch.dtype, device: torch.device) -> dict[str, Callable]:
+    """The four measured callables: pixel decoder / whole model x inference / training step."""
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+    with torch.no_grad(), autocast():
+        x, _ = model.preprocess(images)
+        feats = {k: v.detach() for k, v in model.backbone(x).items()}
+    pd = model.pixel_decoder
+    criterion = None
+    try:
+        from proscale.models.criterion import LossConfig, build_criterion
+
+        criterion = build_criterion(model.num_classes, LossConfig())
+    except ImportError:
+        pass
+    targets = _random_targets(images.shape[0], tuple(images.shape[-2:]), model.num_classes, device)
+
+    def pd_infer():
+        with torch.inference_mode(), autocast():
+            return pd(feats)
+
+    def pd_train():
+        with autocast():
+            loss = _surrogate_loss(pd(feats))
+        loss.backward()
+        pd.zero_grad(set_to_none=True)
+
+    def model_infer():
+        with torch.inference_mode(), autocast():
+            return model(images)
+
+    def model_train():
+        with autocast():
+            out = model(images)
+            if criterion is not None:
+                from proscale.models.criterion import pad_targets
+
+                losses = criterion(out, pad_targets(targets, out["padded_size"]))
+                loss = criterion.total_loss(losses)
+            else:
+                loss = _surrogate_loss(out["pred_masks"]) + _surrogate_loss(out["pred_logits"])
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return {"pixel_decoder/infer": pd_infer, "pixel_decoder/train": pd_train,
+            "model/infer": model_infer, "model/train": model_train}
+
+
+def run_benchmark(presets: list[str], size=(800, 1088), batch: int = 1, device: str = "cpu", dtype: str = "fp32",
+                  modes=("infer", "train"), components=("pixel_decoder", "model"), warmup: int = 2,
+                  repeats: int = 5, memory: bool = True, num_classes: int = 133, threads: int | None = None,
+                  peer: str | None = None) -> BenchReport:
+    import proscale
+
+    dev = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    report = BenchReport(str(dev), tuple(size), batch, dtype, torch.get_num_threads())
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=dev).float()
+    wanted = [f"{c}/{m}" for c in components for m in modes]
+    models = [(name, lambda name=name: proscale.build_model(name, num_classes=num_classes)) for name in presets]
+    if peer == "hf":
+        from proscale.analysis.hf_peer import build_hf_peer
+
+        models.append(("hf", lambda: build_hf_peer(proscale.get_preset(presets[0]), num_classes)))
+    for column, make in models:
+        model = make().to(dev).train(False)
+        report.columns.append(column)
+        fns = component_fns(model, images, DTYPES[dtype], dev)
+        for row in wanted:
+            fn = fns.get(row)
+            if fn is None:
+                continue
+            timing = time_fn(fn, dev, warmup, repeats)
+            if memory:
+                timing.peak_mb = peak_memory_bytes(fn, dev) / 2**20
+            report.rows.setdefault(row, {})[column] = timing
+        del model, fns
+    return report
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="latency and peak memory, baseline vs PRO-SCALE side by side",
+                              description=__doc__)
+    p.add_argument("--preset", default="m2f_r50")
+    p.add_argument("--vs", default="proscale_r50_333", help="the preset to compare with ('' for none)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", default="800x1088", help="HxW")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
+    p.add_argument("--component", choices=["pixel_decoder", "model", "both"], default="both")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--num-classes", type=int, default=133)
+    p.add_argument("--no-memory", action="store_true", help="skip the (slow on CPU) peak-memory pass")
+    p.add_argument("--peer", choices=["hf"], default=None,
+                   help="add transformers' Mask2Former (same config, random weights) as a column")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    h, w = (int(v) for v in args.size.lower().split("x"))
+    presets = [args.preset] + ([args.vs] if args.vs else [])
+    report = run_benchmark(
+        presets, (h, w), args.batch, args.device, args.dtype,
+        modes=("infer", "train") if args.mode == "both" else (args.mode,),
+        components=("pixel_decoder", "model") if args.component == "both" else (args.component,),
+        warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory, num_classes=args.num_classes,
+        threads=args.threads, peer=args.peer)
+    print(report.table())
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.to_json())
+    return 0
