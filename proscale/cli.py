@@ -17,6 +17,7 @@ COMMANDS = (
     "proscale.analysis.flops",
     "proscale.analysis.benchmark",
     "proscale.checkpoints.convert",
+    "proscale.export",
 )
 
 
