@@ -22,13 +22,15 @@ def point_sample(input: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
             top-left pixel, (1, 1) the bottom-right corner of the bottom-right pixel
             (grid_sample's align_corners=False convention: pixel centres at (i + 0.5) / W).
     Returns:
-        (N, C, P) sampled values, in `input`'s dtype.
+        (N, C, P) sampled values, in the promoted dtype of `input` and `coords` (fp16 / bf16
+        maps with fp32 points are sampled in fp32: bf16 coordinates would be off by pixels).
     """
     if coords.dim() != 3 or coords.shape[-1] != 2:
         raise ValueError(f"coords must be (N, P, 2), got {tuple(coords.shape)}")
+    dtype = torch.promote_types(input.dtype, coords.dtype)
     # grid_sample wants a (N, H_out, W_out, 2) grid in [-1, 1]; a (N, P, 1, 2) grid samples P points.
-    grid = (2.0 * coords - 1.0).unsqueeze(2).to(input.dtype)
-    out = F.grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    grid = (2.0 * coords.to(dtype) - 1.0).unsqueeze(2)
+    out = F.grid_sample(input.to(dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.squeeze(3)
 
 
