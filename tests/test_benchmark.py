@@ -30,3 +30,24 @@ def test_bench_side_by_side_table_and_json(tmp_path):
     assert "proscale_tiny_333/m2f_tiny" in table and table.count("\n") == 6
     data = json.loads(report.to_json())
     assert data["rows"]["model/infer"]["m2f_tiny"]["runs"] == 2
+
+
+def test_hf_peer_column_runs_same_paths():
+    import pytest
+
+    pytest.importorskip("transformers")
+    report = run_benchmark(["m2f_tiny"], size=(64, 64), batch=1, warmup=0, repeats=1, num_classes=8, threads=1,
+                           peer="hf", memory=False, modes=("infer",))
+    assert report.columns == ["m2f_tiny", "hf"]
+    assert all("hf" in cells for cells in report.rows.values())
+
+
+def test_hf_peer_refuses_proscale_config():
+    import pytest
+
+    pytest.importorskip("transformers")
+    import proscale
+    from proscale.analysis.hf_peer import hf_config_from
+
+    with pytest.raises(ValueError, match="baseline encoder"):
+        hf_config_from(proscale.get_preset("proscale_tiny_333"))

@@ -129,7 +129,7 @@ def component_fns(model, images: torch.Tensor, dtype: torch.dtype, device: torch
         with autocast():
             loss = _surrogate_loss(pd(feats))
         loss.backward()
-        pd.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
 
     def model_infer():
         with torch.inference_mode(), autocast():
