@@ -1,0 +1,142 @@
+"""`proscale convert`: released weights (detectron2 .pkl / .pth, Hugging Face, safetensors) -> a
+proscale checkpoint that `proscale eval/predict --checkpoint` and `build_model_from_checkpoint` use.
+
+    proscale convert model_final_94dc52.pkl -o m2f_r50.pt                  # Mask2Former R50 (model zoo)
+    proscale convert proscale_r50_333.pth -o proscale_r50_333.pt           # the PRO-SCALE release
+    proscale convert mine.pkl -o mine.pt --preset proscale_tiny_333 --trc-layout spatial
+    proscale convert m2f_r50.pt -o m2f_r50.pkl --to detectron2             # export to detectron2 names
+
+Without --preset the model config is read from the weights: backbone, layer plan, TRC, LPE or
+conv output, sizes and classes (attention heads, which the weights do not record, default to 8).
+Weights with TRC get the "official" TRC layout unless --trc-layout says otherwise: the released
+PRO-SCALE weights were trained with it. Loading is strict: every tensor must fit, or nothing is
+written (--no-strict writes what fits and lists the rest).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="convert detectron2 / Hugging Face weights to a proscale checkpoint",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="weights: .pkl, .pth/.pt/.bin, .safetensors")
+    p.add_argument("-o", "--output", required=True, help="where to write (.pt or .safetensors; .pkl/.pth with "
+                                                         "--to detectron2)")
+    p.add_argument("--preset", help="take this preset's config instead of reading it from the weights")
+    p.add_argument("--num-classes", type=int, help="number of classes (default: from the weights)")
+    p.add_argument("--trc-layout", choices=["official", "spatial"],
+                   help="TRC layout (default: official for detectron2 weights, else the preset's / stored one)")
+    p.add_argument("--source", choices=["auto", "proscale", "detectron2", "hf"], default="auto",
+                   help="naming of the input weights (default: detected)")
+    p.add_argument("--to", choices=["proscale", "detectron2"], default="proscale",
+                   help="output naming: a proscale checkpoint, or detectron2's (Mask2Former / PRO-SCALE code)")
+    p.add_argument("--no-strict", action="store_true", help="write even when some tensors do not fit")
+    p.set_defaults(func=_main)
+
+
+def _describe(cfg) -> str:
+    e = cfg.encoder
+    trc = f"TRC (temperature {e.trc_temperature}, {e.trc_layout} layout)" if e.trc else "no TRC"
+    return (f"backbone {cfg.backbone.name}, encoder plan {tuple(e.plan)} ({sum(e.plan)} layers, d_model {e.d_model}, "
+            f"{e.n_heads} heads x {e.n_points} points), {trc}, output {e.output}, decoder {cfg.decoder.dec_layers} "
+            f"layers x {cfg.decoder.num_queries} queries, {cfg.num_classes} classes")
+
+
+def convert(input_path: str | Path, output_path: str | Path, preset: str | None = None,
+            num_classes: int | None = None, trc_layout: str | None = None, source: str = "auto",
+            to: str = "proscale", strict: bool = True):
+    """Reads `input_path`, builds the model it describes, loads it and writes `output_path`.
+    Returns (LoadReport, ModelConfig). Raises CheckpointError when the weights do not fit."""
+    from proscale.checkpoints.from_detectron2 import infer_config
+    from proscale.checkpoints.io import (CheckpointError, config_from_checkpoint, convert_state_dict,
+                                         extract_state_dict, load_converted, safe_load)
+    from proscale.models.maskformer import build_maskformer
+    from proscale.presets import get_preset
+
+    input_path, output_path = Path(input_path), Path(output_path)
+    if to == "proscale" and output_path.suffix.lower() in (".pkl", ".pickle"):
+        raise CheckpointError(f"{output_path}: a proscale checkpoint is .pt or .safetensors (.pkl needs --to detectron2)")
+    if input_path.is_dir():  # a Hugging Face save_pretrained folder (config.json + weights)
+        model, report = _from_hf_folder(input_path, preset, num_classes, trc_layout, strict)
+        return _write(model, report, output_path, to), model.cfg
+    obj = safe_load(input_path)
+    state = extract_state_dict(obj, str(input_path))
+    try:
+        converted, src, ignored, unmapped = convert_state_dict(state, source)
+    except CheckpointError as e:
+        raise CheckpointError(f"{input_path}: {e}") from None
+    if preset:
+        cfg = get_preset(preset)
+        if num_classes is None and "transformer_decoder.class_embed.weight" in converted:
+            num_classes = int(converted["transformer_decoder.class_embed.weight"].shape[0]) - 1
+    else:
+        cfg = config_from_checkpoint(obj, str(input_path)) if src == "proscale" else None
+        if cfg is None:
+            try:
+                cfg = infer_config(converted, trc_layout="official" if src == "detectron2" else None)
+            except CheckpointError as e:
+                raise CheckpointError(f"{input_path}: {e}") from None
+    if num_classes is not None:
+        cfg.num_classes = num_classes
+    if trc_layout is not None:
+        cfg.encoder.trc_layout = trc_layout
+    model = build_maskformer(cfg)
+    report = load_converted(model, converted, src, ignored, unmapped, strict=strict, path=str(input_path))
+    return _write(model, report, output_path, to), cfg
+
+
+def _from_hf_folder(folder: Path, preset, num_classes, trc_layout, strict):
+    from proscale.checkpoints.io import CheckpointError, LoadReport, _hf_module
+    from proscale.presets import get_preset
+
+    hf = _hf_module()
+    if hf is None or not hasattr(hf, "load_hf_model"):
+        raise CheckpointError(f"{folder}: a folder is read as a Hugging Face save_pretrained folder, but "
+                              f"proscale.checkpoints.from_hf.load_hf_model is not available")
+    cfg = None
+    if preset:
+        cfg = get_preset(preset)
+        if num_classes is not None:
+            cfg.num_classes = num_classes
+        if trc_layout is not None:
+            cfg.encoder.trc_layout = trc_layout
+    try:
+        model = hf.load_hf_model(folder, cfg=cfg, strict=strict)
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    report = LoadReport(source="hf", path=str(folder), loaded=len(model.state_dict()))
+    return model, report
+
+
+def _write(model, report, output_path: Path, to: str):
+    from proscale.checkpoints.from_detectron2 import to_detectron2
+    from proscale.checkpoints.io import atomic_save, save_model
+
+    if to == "proscale":
+        save_model(model, output_path)
+    else:
+        official = to_detectron2(model.state_dict(), numpy=output_path.suffix.lower() in (".pkl", ".pickle"))
+        atomic_save({"model": official, "__author__": "proscale"}, output_path)
+        if any(k.startswith("backbone.layers.") for k in official):
+            report.notes.append("detectron2's Swin also expects backbone.norm{0..3} (output norms), which "
+                                "proscale's backbone does not have: they are not in the output")
+    return report
+
+
+def _main(args) -> int:
+    from proscale.checkpoints.io import CheckpointError
+
+    try:
+        report, cfg = convert(args.input, args.output, preset=args.preset, num_classes=args.num_classes,
+                              trc_layout=args.trc_layout, source=args.source, to=args.to,
+                              strict=not args.no_strict)
+    except CheckpointError as e:
+        print(f"proscale convert: {e}", file=sys.stderr)
+        return 1
+    print(f"model: {_describe(cfg)}")
+    print(report)
+    print(f"wrote {args.output} ({args.to} naming)")
+    return 0
