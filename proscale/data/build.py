@@ -31,19 +31,24 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, os.path.expanduser(root)
 
 
-def build_dataset(spec: str, split: str, transforms=None) -> Dataset:
-    """The data set a spec names; every one has `.metadata` and INTERFACES.md samples."""
+def build_dataset(spec: str, split: str, transforms=None, *, defer_errors: bool = False) -> Dataset:
+    """The data set a spec names; every one has `.metadata` and INTERFACES.md samples.
+
+    defer_errors: a bad record raises when its sample is loaded rather than here (only
+    problems with a whole file still raise here); use it with `SkipBadSamples(skip=True)`.
+    """
     kind, root = parse_spec(spec)
     if not os.path.isdir(root):
         raise MissingFileError(root, f"data root for {kind!r} not found")
     if kind == "coco-panoptic":
-        return CocoPanopticDataset(root, split, transforms)
+        return CocoPanopticDataset(root, split, transforms, defer_errors=defer_errors)
     if kind == "synthetic":
         if not os.path.isfile(os.path.join(root, "annotations", f"panoptic_{split}.json")):
             raise MissingFileError(os.path.join(root, "annotations", f"panoptic_{split}.json"),
                                    "synthetic data not generated here yet; run "
                                    "proscale.data.generate_synthetic(root, ...) first")
-        return CocoPanopticDataset(root, split, transforms, name="synthetic")
+        return CocoPanopticDataset(root, split, transforms, name="synthetic",
+                                   defer_errors=defer_errors)
     if kind == "coco-instances":
-        return CocoInstancesDataset(root, split, transforms)
-    return SemanticDataset(root, split, transforms)
+        return CocoInstancesDataset(root, split, transforms, defer_errors=defer_errors)
+    return SemanticDataset(root, split, transforms, defer_errors=defer_errors)

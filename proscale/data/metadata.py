@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from proscale.data.errors import AnnotationError
+from proscale.data.errors import AnnotationError, Problem, raise_first_error
 
 IGNORE_LABEL = 255
 
@@ -67,7 +67,8 @@ class DatasetMetadata:
         for i, c in enumerate(self.categories):
             if c.id in self._id_to_index:
                 raise AnnotationError(self.panoptic_json or self.instances_json or self.name,
-                                      "duplicate category id", category_id=c.id)
+                                      "duplicate category id", kind="duplicate_category_id",
+                                      category_id=c.id)
             self._id_to_index[c.id] = i
 
     @property
@@ -151,22 +152,56 @@ class DatasetMetadata:
         return os.path.join(self.sem_seg_root, stem + ".png")
 
 
-def categories_from_coco(entries: object, path: str) -> list[Category]:
-    """Categories from a COCO `categories` list, keeping its order (= contiguous order).
+def is_int(v: object) -> bool:
+    """A JSON integer (bools are not)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    `isthing` defaults to True (instances JSONs omit it); `color` is kept when given.
+
+def check_categories(entries: object, path: str) -> tuple[list[Category], list[Problem]]:
+    """Categories from a COCO `categories` list, and every problem with it.
+
+    Keeps the list's order (= contiguous order); `isthing` defaults to True (instances JSONs
+    omit it); `color` is kept when given. A bad entry is left out of the list.
     """
     if not isinstance(entries, list) or not entries:
-        raise AnnotationError(path, "'categories' must be a non-empty list")
-    out = []
+        return [], [Problem.make("schema", path, "'categories' must be a non-empty list")]
+    out, problems, seen = [], [], set()
     for k, entry in enumerate(entries):
         if not isinstance(entry, dict) or "id" not in entry or "name" not in entry:
-            raise AnnotationError(path, f"category #{k} lacks 'id' or 'name'")
+            problems.append(Problem.make("schema", path, f"category #{k} lacks 'id' or 'name'",
+                                         category_index=k))
+            continue
+        cid = entry["id"]
+        if not is_int(cid):
+            problems.append(Problem.make("schema", path, f"category #{k} id must be an integer, "
+                                         f"got {type(cid).__name__}", category_index=k))
+            continue
+        bad = []
+        name = entry["name"]
+        if not isinstance(name, (str, int, float)) or isinstance(name, bool):
+            bad.append(f"name must be a string, got {type(name).__name__}")
+        isthing = entry.get("isthing", 1)
+        if isthing not in (0, 1) or not isinstance(isthing, (int, bool)):
+            bad.append(f"isthing must be 0 or 1, got {isthing!r}"[:120])
         color = entry.get("color")
-        if color is not None:
-            if len(color) != 3:
-                raise AnnotationError(path, "category color must be [r, g, b]", category_id=entry["id"])
-            color = tuple(int(v) for v in color)
-        out.append(Category(id=int(entry["id"]), name=str(entry["name"]),
-                            isthing=bool(entry.get("isthing", 1)), color=color))
-    return out
+        if color is not None and not (isinstance(color, list) and len(color) == 3
+                                      and all(is_int(v) and 0 <= v <= 255 for v in color)):
+            bad.append("color must be [r, g, b] with integers 0..255")
+        for message in bad:
+            problems.append(Problem.make("schema", path, f"category {message}", category_id=cid))
+        if cid in seen:
+            problems.append(Problem.make("duplicate_category_id", path, "duplicate category id",
+                                         category_id=cid))
+            continue
+        seen.add(cid)
+        if not bad:
+            out.append(Category(id=cid, name=str(name), isthing=bool(isthing),
+                                color=None if color is None else tuple(color)))
+    return out, problems
+
+
+def categories_from_coco(entries: object, path: str) -> list[Category]:
+    """Categories from a COCO `categories` list; the first problem raises its DataError."""
+    categories, problems = check_categories(entries, path)
+    raise_first_error(problems)
+    return categories
