@@ -114,3 +114,53 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             raise KeyError(f"unknown config key {key!r}")
         setattr(node, last, _parse(text, getattr(node, last)))
     return cfg
+
+
+@dataclass
+class SolverConfig:
+    """AdamW, lr schedule and clipping (Mask2Former's COCO recipe, PROSCALE.md section 4)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    weight_decay_norm: float = 0.0  # norm layers (BN / GN / LN) are not decayed
+    weight_decay_embed: float = 0.0  # nor embeddings (queries, level embeddings, position tables)
+    backbone_multiplier: float = 0.1  # backbone lr = lr * this
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "step"  # "step" (x gamma at each milestone), "poly", "constant"
+    steps: tuple[int, ...] = ()  # absolute milestones; empty: step_fractions of the iterations
+    step_fractions: tuple[float, ...] = (0.88889, 0.96296)  # 327,778 and 355,092 of 368,750
+    gamma: float = 0.1
+    poly_power: float = 0.9  # ADE20K semantic recipe
+    warmup_iters: int = 0  # linear warmup from warmup_factor * lr; the COCO recipe has none
+    warmup_factor: float = 0.001
+    clip_grad: float = 0.01  # full-model gradient L2 norm; 0 disables clipping
+    amp: bool = True  # mixed precision on CUDA (the pixel decoder stays fp32); ignored on CPU
+    amp_dtype: str = "float16"  # "float16" (with a GradScaler) or "bfloat16"
+    accumulate: int = 1  # micro-batches per optimizer step (per process)
+
+
+@dataclass
+class DataConfig:
+    """Which data and how it is augmented. The augmentation fields are those of
+    proscale.data.transforms.TransformConfig (build_transforms reads them from here)."""
+
+    train: tuple[str, ...] = ()  # data specs, e.g. "coco-panoptic:/data/coco"; several are concatenated
+    val: str = ""  # data spec for periodic evaluation ("" = none)
+    train_split: str = "train"
+    val_split: str = "val"
+    num_workers: int = 2
+    # A training sample that fails to load (corrupt image, bad annotation record): False stops
+    # with its error; True replaces it by the next one that loads and counts it in metrics.jsonl.
+    skip_bad_samples: bool = False
+    augmentation: str = "lsj"  # "lsj", "resize" or "none"
+    image_size: int = 1024  # LSJ target / crop size
+    min_scale: float = 0.1
+    max_scale: float = 2.0
+    min_size_train: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    max_size_train: int = 1333
+    crop_size: int = 0
+    flip: bool = True
+    min_size_test: int = 800  # 0 keeps test images at their own size
+    max_size_test: int = 1333
+    pad_value: int = 128

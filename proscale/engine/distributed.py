@@ -1,0 +1,142 @@
+"""torch.distributed for `proscale train` under torchrun: one process per device.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT); without them
+everything here is a no-op and the run is a single process. NCCL on GPUs, gloo on CPUs.
+
+    torchrun --nproc_per_node 8 -m proscale train ...                 # one machine, 8 GPUs
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m proscale train ...
+    python -m torch.distributed.run --nproc_per_node 2 -m proscale train ... device=cpu   # CPU, gloo
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# Rank queries and object gathering are shared with the evaluators (which gather per-image results).
+from proscale.evaluation.common import all_gather_object, get_rank, get_world_size, is_distributed
+
+__all__ = ["DistInfo", "init_distributed", "launched_by_torchrun", "resolve_device", "is_distributed", "get_rank",
+           "get_world_size", "is_main_process", "barrier", "cleanup", "wrap_model", "unwrap", "all_reduce_tensor",
+           "reduce_dict", "all_gather_object", "broadcast_object"]
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # init_distributed created the process group (cleanup destroys it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """"auto": cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" gets the local rank."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
+    """Joins the process group when launched by torchrun (idempotent); returns rank, world size
+    and this process's device. CUDA processes are pinned to their local GPU."""
+    if not launched_by_torchrun():
+        return DistInfo(device=resolve_device(device))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return DistInfo(rank, world, local_rank, dev, owns)
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    """Leaves the process group if `init_distributed` created it (a caller's own group stays).
+    No barrier: after an error on one rank the others may never reach it."""
+    if info.owns_group and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> nn.Module:
+    """DistributedDataParallel around `model` when there are several processes, else `model`.
+    Every parameter of MaskFormer takes part in the loss (the criterion keeps empty-target
+    losses connected to the graph), so find_unused_parameters stays off unless a config
+    freezes or skips parts."""
+    if not info.distributed:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_tensor(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum / max / mean of `t` over ranks (a new tensor on t's device)."""
+    if not is_distributed():
+        return t.clone()
+    buf = t.detach().to(_comm_device()).clone()
+    reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    dist.all_reduce(buf, op=reduce_op)
+    if op == "mean":
+        buf /= dist.get_world_size()
+    return buf.to(t.device)
+
+
+def reduce_dict(values: dict[str, float]) -> dict[str, float]:
+    """Mean over ranks of a dict of floats (same keys on every rank), in one all_reduce."""
+    if not is_distributed() or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = all_reduce_tensor(t, "mean")
+    return dict(zip(keys, t.tolist()))
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` of rank `src` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,162 @@
+"""`Predictor`: a checkpoint (or model) in, panoptic / instance / semantic results out.
+
+    from proscale import Predictor
+    p = Predictor("runs/r50/model_final.pt", tasks=("panoptic", "instance"))
+    out = p.predict("image.jpg")     # path, PIL image, (H, W, 3) uint8 array or (3, H, W) tensor (RGB)
+    out["panoptic"]["panoptic_seg"]  # int32 (H, W) segment ids at the original size, 0 = void
+    p.metadata.class_names[s["category_id"]] for s in out["panoptic"]["segments_info"]
+
+The image is resized as at test time (short side `min_size_test`, long side at most
+`max_size_test`: the checkpoint's training settings, else 800 / 1333), run through the model, and
+the results are mapped back to the original size (docs/INTERFACES.md, post-processing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from proscale.data.metadata import Category, DatasetMetadata
+from proscale.engine.distributed import resolve_device
+from proscale.models.postprocess import InferenceConfig, postprocess
+
+TASK_KEYS = {"panoptic": "panoptic", "instance": "instances", "semantic": "sem_seg"}
+
+
+def metadata_from_dict(data: dict | None, num_classes: int) -> DatasetMetadata:
+    """DatasetMetadata from a checkpoint's "metadata" entry, or generic names class_0.. (all things)."""
+    if data and data.get("categories"):
+        cats = [Category(int(c["id"]), str(c["name"]), bool(c.get("isthing", True)),
+                         tuple(c["color"]) if c.get("color") is not None else None) for c in data["categories"]]
+        if len(cats) == num_classes:
+            return DatasetMetadata(categories=cats, name=str(data.get("name", "")))
+    return DatasetMetadata(categories=[Category(i, f"class_{i}") for i in range(num_classes)])
+
+
+def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode on `device`, {"metadata", "min_size_test", "max_size_test", "inference"})
+    from a proscale checkpoint (training or `save_model`) or released detectron2 / HF weights."""
+    from proscale.checkpoints.io import build_model_from_checkpoint, config_from_checkpoint, load_checkpoint, safe_load
+    from proscale.models.maskformer import build_maskformer
+
+    obj = safe_load(checkpoint)
+    cfg = config_from_checkpoint(obj, str(checkpoint)) if isinstance(obj, dict) else None
+    if cfg is None:
+        model = build_model_from_checkpoint(checkpoint)
+        obj = {}
+    else:
+        model = build_maskformer(cfg)
+        load_checkpoint(model, obj, strict=True)
+    model = model.to(resolve_device(device)).eval()
+    train_cfg = obj.get("train_config") or {}
+    data = train_cfg.get("data") or {}
+    inference = InferenceConfig()
+    for key, value in (train_cfg.get("test") or {}).items():
+        if hasattr(inference, key):
+            setattr(inference, key, value)
+    info = {"metadata": metadata_from_dict(obj.get("metadata"), model.num_classes),
+            "min_size_test": int(data.get("min_size_test", 800)), "max_size_test": int(data.get("max_size_test", 1333)),
+            "inference": inference}
+    return model, info
+
+
+def load_image(image: Any) -> torch.Tensor:
+    """uint8 (3, H, W) RGB from a path, a PIL image, an (H, W[, 3|4]) array or a (3, H, W) tensor.
+    Unreadable files raise proscale.data.ImageError / MissingFileError naming the file."""
+    if isinstance(image, (str, os.PathLike)):
+        from proscale.data.files import read_image
+
+        array = read_image(str(image))
+    elif isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.dim() != 3 or t.shape[0] != 3:
+            raise ValueError(f"a tensor image must be (3, H, W) RGB, got {tuple(t.shape)}")
+        return t if t.dtype == torch.uint8 else t.float().clamp(0, 255).round().to(torch.uint8)
+    elif hasattr(image, "convert"):  # PIL
+        array = np.asarray(image.convert("RGB"))
+    elif isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)
+        if array.ndim != 3 or array.shape[2] not in (3, 4):
+            raise ValueError(f"an array image must be (H, W, 3) RGB, got {array.shape}")
+        array = array[..., :3]
+        if array.dtype != np.uint8:
+            array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    else:
+        raise TypeError(f"cannot read an image from a {type(image).__name__}")
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # PIL's buffers are read-only
+        array = array.copy()
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class Predictor:
+    """Runs a model on single images. `tasks` is any of "panoptic", "instance", "semantic".
+
+    checkpoint_or_model: a checkpoint path (its config, categories and test settings are used)
+    or a MaskFormer (then pass `metadata`, else classes are named class_i and all are things).
+    """
+
+    def __init__(self, checkpoint_or_model: str | os.PathLike | nn.Module, device: str | torch.device = "auto",
+                 tasks: tuple[str, ...] | list[str] | str = ("panoptic",), metadata: DatasetMetadata | None = None,
+                 inference: InferenceConfig | None = None, min_size_test: int | None = None,
+                 max_size_test: int | None = None):
+        self.device = resolve_device(device)
+        if isinstance(checkpoint_or_model, nn.Module):
+            self.model = checkpoint_or_model.to(self.device).eval()
+            info = {"metadata": metadata_from_dict(None, self.model.num_classes), "min_size_test": 800,
+                    "max_size_test": 1333, "inference": InferenceConfig()}
+        else:
+            self.model, info = load_model(checkpoint_or_model, self.device)
+        self.metadata = metadata or info["metadata"]
+        self.min_size_test = info["min_size_test"] if min_size_test is None else min_size_test
+        self.max_size_test = info["max_size_test"] if max_size_test is None else max_size_test
+        tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+        unknown = [t for t in tasks if t not in TASK_KEYS]
+        if unknown or not tasks:
+            raise ValueError(f"tasks must be among {', '.join(TASK_KEYS)}, got {tasks}")
+        self.tasks = tasks
+        self.inference = dataclasses.replace(inference or info["inference"], panoptic_on="panoptic" in tasks,
+                                             instance_on="instance" in tasks, semantic_on="semantic" in tasks)
+
+    def _resize(self, image: torch.Tensor) -> torch.Tensor:
+        if self.min_size_test <= 0:
+            return image
+        from proscale.data.transforms import ResizeShortestEdge, resize
+
+        h, w = image.shape[-2:]
+        size = ResizeShortestEdge(self.min_size_test, self.max_size_test).output_size(h, w, self.min_size_test)
+        return resize({"image": image}, size)["image"]
+
+    @torch.no_grad()
+    def predict(self, image: Any) -> dict:
+        """Results at the original image size (on the CPU), keys as the tasks ask:
+        "panoptic": {"panoptic_seg": int32 (H, W), "segments_info": [{"id", "category_id", "isthing",
+        "score", "area"}]}, "instances": {"masks": bool (N, H, W), "scores": (N,), "labels": (N,)},
+        "sem_seg": float (K, H, W). Category ids are contiguous indices into `self.metadata`."""
+        original = load_image(image)
+        h, w = original.shape[-2:]
+        x = self._resize(original).to(self.device)
+        outputs = self.model([x])
+        result = postprocess(outputs, [{"height": h, "width": w}], self.inference, self.metadata.thing_classes)[0]
+        return _to_cpu(result)
+
+    __call__ = predict
+
+
+def _to_cpu(x):
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_to_cpu(v) for v in x]
+    return x
+
+
+__all__ = ["Predictor", "load_model", "load_image", "metadata_from_dict"]

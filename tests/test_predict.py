@@ -1,0 +1,181 @@
+"""Predictor, `proscale predict` / `proscale eval`, and the visualisations."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import proscale  # noqa: E402
+from proscale.checkpoints.io import save_model  # noqa: E402
+from proscale.data import SYNTHETIC_CATEGORIES  # noqa: E402
+from proscale.predictor import Predictor  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machines have 2 cores shared by several jobs: one thread is much faster there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(argv: list[str]) -> int:
+    from proscale.cli import main
+
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny model with the synthetic categories; thresholds at 0 so that even random weights
+    produce segments and every output file has content."""
+    torch.manual_seed(0)
+    model = proscale.build_model("m2f_tiny", num_classes=8)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    meta = {"name": "synthetic", "categories": [{"id": c.id, "name": c.name, "isthing": c.isthing,
+                                                   "color": list(c.color)} for c in SYNTHETIC_CATEGORIES]}
+    save_model(model, path, extra={
+        "metadata": meta,
+        "train_config": {"data": {"min_size_test": 64, "max_size_test": 128},
+                         "test": {"object_mask_threshold": 0.0, "overlap_threshold": 0.0}}})
+    return path
+
+
+@pytest.fixture
+def image_rgb():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(70, 90, 3), dtype=np.uint8)
+
+
+def test_predictor_inputs_give_original_size_results(checkpoint, image_rgb, tmp_path):
+    p = Predictor(checkpoint, device="cpu", tasks=("panoptic", "instance", "semantic"))
+    assert p.metadata.class_names[:2] == ["circle", "square"]
+    assert (p.min_size_test, p.max_size_test) == (64, 128)
+    path = tmp_path / "im.png"
+    Image.fromarray(image_rgb).save(path)
+    outs = [p.predict(x) for x in (str(path), Image.fromarray(image_rgb), image_rgb,
+                                   torch.from_numpy(image_rgb).permute(2, 0, 1))]
+    pan = outs[0]["panoptic"]
+    assert pan["panoptic_seg"].shape == (70, 90) and pan["panoptic_seg"].dtype == torch.int32
+    assert pan["segments_info"], "thresholds are 0: some segment must survive"
+    assert sum(s["area"] for s in pan["segments_info"]) == int((pan["panoptic_seg"] > 0).sum())
+    ins = outs[0]["instances"]
+    assert ins["masks"].shape[1:] == (70, 90) and ins["masks"].dtype == torch.bool
+    assert set(ins["labels"].tolist()) <= set(p.metadata.thing_classes)
+    assert outs[0]["sem_seg"].shape == (8, 70, 90)
+    for other in outs[1:]:  # the same pixels whatever the input type
+        assert torch.equal(other["panoptic"]["panoptic_seg"], pan["panoptic_seg"])
+        assert torch.allclose(other["sem_seg"], outs[0]["sem_seg"])
+
+
+def test_predictor_from_model_and_bad_inputs(image_rgb):
+    model = proscale.build_model("m2f_tiny", num_classes=3)
+    p = Predictor(model, device="cpu", tasks="semantic", min_size_test=0)
+    out = p.predict(image_rgb)
+    assert set(out) == {"sem_seg"} and out["sem_seg"].shape == (3, 70, 90)
+    assert p.metadata.class_names == ["class_0", "class_1", "class_2"]
+    with pytest.raises(ValueError):
+        Predictor(model, tasks=("depth",))
+    with pytest.raises(ValueError):
+        p.predict(np.zeros((4, 5, 6), dtype=np.uint8))
+    from proscale.data import DataError
+
+    with pytest.raises(DataError):
+        p.predict("/nonexistent/image.jpg")
+
+
+def test_predict_cli_folder_with_a_corrupt_file(checkpoint, image_rgb, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(image_rgb).save(folder / "a.jpg")
+    Image.fromarray(image_rgb[:50, :60]).save(folder / "b.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (folder / "notes.txt").write_text("not an image, not an input")
+    out = tmp_path / "out"
+    code = run_cli(["predict", "--checkpoint", str(checkpoint), str(folder), "--out", str(out), "--device", "cpu",
+                    "--task", "panoptic", "--task", "instance", "--task", "semantic"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "broken.jpg" in err and "a.jpg" not in err and "notes.txt" not in err
+    for stem, (h, w) in (("a", (70, 90)), ("b", (50, 60))):
+        seg = np.asarray(Image.open(out / f"{stem}_panoptic.png").convert("RGB")).astype(np.int64)
+        ids = seg[..., 0] + 256 * seg[..., 1] + 65536 * seg[..., 2]
+        assert ids.shape == (h, w)
+        info = json.loads((out / f"{stem}_panoptic.json").read_text())
+        assert (info["height"], info["width"]) == (h, w)
+        assert {s["id"] for s in info["segments_info"]} == set(np.unique(ids).tolist()) - {0}
+        assert all(s["category_id"] in {c.id for c in SYNTHETIC_CATEGORIES} for s in info["segments_info"])
+        inst = json.loads((out / f"{stem}_instances.json").read_text())["instances"]
+        assert inst and inst[0]["segmentation"]["size"] == [h, w] and len(inst[0]["bbox"]) == 4
+        assert np.asarray(Image.open(out / f"{stem}_semantic.png")).shape == (h, w)
+        for task in ("panoptic", "instance", "semantic"):
+            overlay = np.asarray(Image.open(out / f"{stem}_{task}_overlay.png"))
+            assert overlay.shape == (h, w, 3)
+    assert not list(out.glob("broken*"))
+
+
+def test_predict_cli_all_good_exits_zero(checkpoint, image_rgb, tmp_path):
+    path = tmp_path / "x.png"
+    Image.fromarray(image_rgb).save(path)
+    assert run_cli(["predict", "--checkpoint", str(checkpoint), str(path), "--out", str(tmp_path / "o"),
+                    "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "x_panoptic.json", "x_panoptic.png", "x_panoptic_overlay.png"]
+
+
+def test_eval_cli_on_synthetic_data(checkpoint, tmp_path, capsys):
+    from proscale.data import generate_synthetic
+
+    root = generate_synthetic(str(tmp_path / "data"), num_train=1, num_val=2, image_size=64, seed=0)
+    code = run_cli(["eval", "--checkpoint", str(checkpoint), "--data", f"synthetic:{root}", "--device", "cpu",
+                    "--num-workers", "0", "--out", str(tmp_path / "eval")])
+    assert code == 0
+    results = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(results) == {"panoptic", "instance", "semantic"}
+    assert results["panoptic"]["num_images"] == 2 and "mIoU" in results["semantic"]
+    predictions = json.loads((tmp_path / "eval" / "predictions.json").read_text())
+    assert len(predictions["annotations"]) == 2  # COCO panoptic format, PNGs beside it
+    assert "PQ" in capsys.readouterr().out
+
+
+def test_visualizations(tmp_path, image_rgb):
+    from proscale.data.metadata import DatasetMetadata
+    from proscale.visualize import draw_ground_truth, draw_instances, draw_panoptic, draw_semantic, plot_losses
+
+    md = DatasetMetadata(categories=list(SYNTHETIC_CATEGORIES))
+    seg = np.zeros((70, 90), dtype=np.int32)
+    seg[10:30, 10:40] = 1
+    seg[40:60, :] = 2
+    segments = [{"id": 1, "category_id": 0, "isthing": True, "score": 0.9},
+                {"id": 2, "category_id": 5, "isthing": False, "score": 0.8}]
+    pan = draw_panoptic(image_rgb, torch.from_numpy(seg), segments, md)
+    assert pan.shape == (70, 90, 3) and pan.dtype == np.uint8
+    assert np.array_equal(pan[0:5, 60:90], image_rgb[0:5, 60:90])  # void stays as it was
+    assert not np.array_equal(pan[45:55], image_rgb[45:55])
+
+    masks = torch.zeros(2, 70, 90, dtype=torch.bool)
+    masks[0, 5:20, 5:20] = True
+    masks[1, 30:50, 30:50] = True
+    ins = draw_instances(image_rgb, masks, torch.tensor([1, 2]), torch.tensor([0.9, 0.2]), md, score_threshold=0.5)
+    assert np.array_equal(ins[35:45, 35:45], image_rgb[35:45, 35:45])  # below the threshold: not drawn
+    assert not np.array_equal(ins[8:16, 8:16], image_rgb[8:16, 8:16])
+    sem = draw_semantic(image_rgb, torch.randn(8, 70, 90), md)
+    assert sem.shape == (70, 90, 3)
+    gt = draw_ground_truth({"image": torch.from_numpy(image_rgb).permute(2, 0, 1), "masks": masks,
+                            "labels": torch.tensor([0, 6])}, md)
+    assert gt.shape == (70, 90, 3)
+
+    log = tmp_path / "metrics.jsonl"
+    lines = [{"iteration": i, "loss": 10.0 / i, "loss_ce": 1.0 / i, "loss_mask": 0.5, "loss_dice": 0.4, "lr": 1e-4}
+             for i in range(1, 11)]
+    lines.append({"iteration": 10, "eval": {"panoptic": {"PQ": 42.0}}})
+    log.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    png = plot_losses(log, tmp_path / "loss.png")
+    assert Image.open(png).size[0] > 100
