@@ -1,4 +1,9 @@
-"""proscale: Mask2Former with the PRO-SCALE encoder (progressive token length scaling)."""
+"""proscale: Mask2Former with the PRO-SCALE encoder (progressive token length scaling).
+
+    model = proscale.build_model("proscale_r50_333", num_classes=133)
+    report = proscale.load_checkpoint(model, "model_final.pt")       # ours, detectron2 or HF names
+    results = proscale.Predictor("model_final.pt").predict("image.jpg")
+"""
 from __future__ import annotations
 
 from proscale.config import ModelConfig, apply_overrides
@@ -20,4 +25,17 @@ def build_model(preset: str | ModelConfig = "proscale_r50_333", num_classes: int
     return build_maskformer(cfg)
 
 
-__all__ = ["build_model", "get_preset", "PRESETS", "ModelConfig", "__version__"]
+def __getattr__(name: str):
+    # Heavier entry points load on first use, so `import proscale` stays light.
+    if name == "load_checkpoint":
+        from proscale.checkpoints.io import load_checkpoint
+
+        return load_checkpoint
+    if name == "Predictor":
+        from proscale.predictor import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'proscale' has no attribute {name!r}")
+
+
+__all__ = ["build_model", "get_preset", "PRESETS", "ModelConfig", "Predictor", "load_checkpoint", "__version__"]
