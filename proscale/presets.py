@@ -58,6 +58,16 @@ def m2f_swin_t() -> ModelConfig:
 
 
 @register
+def proscale_swin_t_111() -> ModelConfig:
+    return _swin_t(proscale_encoder((1, 1, 1)))
+
+
+@register
+def proscale_swin_t_222() -> ModelConfig:
+    return _swin_t(proscale_encoder((2, 2, 2)))
+
+
+@register
 def proscale_swin_t_333() -> ModelConfig:
     return _swin_t(proscale_encoder((3, 3, 3)))
 
