@@ -1,4 +1,5 @@
-"""Training checkpoints: the whole state of a run, written atomically, the last K kept.
+"""Training checkpoints: the whole state of a run, written atomically, the last K kept, and the
+choice of the one a resumed run continues from.
 
 A training checkpoint is a whole-model checkpoint written atomically by
 `proscale.checkpoints.io.save_model` ({"model", "config", "proscale_version"}; read back with
@@ -11,6 +12,17 @@ A training checkpoint is a whole-model checkpoint written atomically by
     "train_config"     the TrainConfig as a plain dict
 Files: OUT/model_0005000.pt (periodic, the last `keep_last` kept), OUT/model_final.pt, and
 OUT/last_checkpoint naming the newest one (what --resume reads).
+
+Crash safety. A checkpoint file is written to a temp file, fsynced and renamed (atomic_save), and
+only then does last_checkpoint move to it (also a fsynced rename), so a crash at any moment
+leaves every model_*.pt complete and last_checkpoint naming a complete file; a crash between the
+two renames leaves a complete checkpoint newer than the one last_checkpoint names.
+`resume_candidates` orders what --resume tries:
+  1. periodic checkpoints written after last_checkpoint was (that crash window; newest first),
+  2. the file last_checkpoint names (as detectron2 does: editing it selects a checkpoint),
+  3. every other checkpoint kept, newest first (model_final.pt placed by its write time),
+and the trainer walks this list past files that are missing, truncated or not training
+checkpoints, with a warning for each (see Trainer.resume for what it refuses outright).
 """
 from __future__ import annotations
 
@@ -18,15 +30,30 @@ import os
 import random
 import re
 from pathlib import Path
+from typing import Any, Mapping
+
 import numpy as np
 import torch
 
+from proscale.checkpoints.io import CorruptCheckpointError
+
 LAST = "last_checkpoint"
+FINAL = "model_final.pt"
 _PERIODIC = re.compile(r"^model_(\d{7,})\.pt$")
+# Temp files of an interrupted atomic_save / write_last (".model_0000010.pt.k3j2_x.tmp").
+_STALE_TEMP = re.compile(r"^\.(model_(\d{7,}|final)\.pt\.[^/]+|last_checkpoint)\.tmp$")
+# What a training checkpoint must hold for a run to continue from it.
+REQUIRED = {"model": Mapping, "iteration": int, "optimizer": Mapping, "scheduler": Mapping}
 
 
 def checkpoint_name(iteration: int) -> str:
     return f"model_{iteration:07d}.pt"
+
+
+def iteration_of(path: str | os.PathLike) -> int | None:
+    """The iteration in a periodic checkpoint's name (model_0005000.pt -> 5000), else None."""
+    m = _PERIODIC.match(Path(path).name)
+    return int(m.group(1)) if m else None
 
 
 def rng_state() -> dict:
@@ -54,39 +81,139 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_last(out_dir: str | os.PathLike, name: str) -> None:
-    """Points OUT/last_checkpoint at `name` (atomically)."""
-    tmp = Path(out_dir) / f".{LAST}.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, Path(out_dir) / LAST)
+    """Points OUT/last_checkpoint at `name` (atomically and durably: temp file, fsync, rename)."""
+    out = Path(out_dir)
+    tmp = out / f".{LAST}.tmp"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / LAST)
+    _fsync_dir(out)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:  # not every file system allows opening a folder
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_last(out_dir: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(the name OUT/last_checkpoint holds, None) or (None, what is wrong with the file);
+    (None, None) when there is no last_checkpoint."""
+    pointer = Path(out_dir) / LAST
+    if not pointer.is_file():
+        return None, None
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{pointer} cannot be read ({type(e).__name__}: {e})"
+    if not name or "\n" in name or "\0" in name:
+        return None, f"{pointer} does not hold a file name ({'empty' if not name else 'garbled'})"
+    return name, None
 
 
 def _periodic(out: Path) -> list[Path]:
     """OUT/model_XXXXXXX.pt files, oldest first."""
-    return sorted((p for p in out.glob("model_*.pt") if _PERIODIC.match(p.name)), key=lambda p: p.name)
+    return sorted((p for p in out.glob("model_*.pt") if _PERIODIC.match(p.name)), key=iteration_of)
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
+def resume_candidates(out_dir: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """The checkpoints --resume should try, best first (see the module docstring), and notes
+    about OUT/last_checkpoint when it is unreadable or names a missing file (to log as warnings)."""
+    out = Path(out_dir)
+    periodic = _periodic(out)[::-1]  # newest first
+    final = out / FINAL
+    notes: list[str] = []
+    name, problem = read_last(out)
+    if problem:
+        notes.append(problem)
+    target = out / name if name else None
+    if target is not None and not target.is_file():
+        notes.append(f"{out / LAST} names {name}, which does not exist")
+        target = None
+
+    first: list[Path] = []
+    if target is not None:
+        # Crash window: a complete periodic checkpoint renamed into place after the pointer was
+        # last written, newer than what it names. (A hand-edited pointer is newer than the files.)
+        written = _mtime(out / LAST)
+        target_it = iteration_of(target)
+        first = [p for p in periodic if p != target and _mtime(p) > written
+                 and (target_it is None or iteration_of(p) > target_it)]
+        first.append(target)
+    rest = [p for p in periodic if p not in first]
+    if final.is_file() and final not in first:
+        t = _mtime(final)
+        at = next((i for i, p in enumerate(rest) if _mtime(p) <= t), len(rest))
+        rest.insert(at, final)
+    return first + rest, notes
 
 
 def last_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint OUT/last_checkpoint names, else the newest model_*.pt, else None."""
-    out = Path(out_dir)
-    pointer = out / LAST
-    if pointer.is_file():
-        path = out / pointer.read_text().strip()
-        if path.is_file():
-            return path
-    periodic = _periodic(out)
-    return periodic[-1] if periodic else None
+    """The checkpoint --resume tries first (`resume_candidates`), or None when there is none."""
+    candidates, _ = resume_candidates(out_dir)
+    return candidates[0] if candidates else None
+
+
+def check_training_checkpoint(obj: Any, path: str | os.PathLike) -> None:
+    """Raises CorruptCheckpointError unless `obj` (a loaded file) holds a training state to
+    continue from (a whole-model checkpoint without optimizer state is not one)."""
+    if not isinstance(obj, Mapping):
+        raise CorruptCheckpointError(f"{path}: not a training checkpoint (holds a {type(obj).__name__})")
+    for key, kind in REQUIRED.items():
+        if key not in obj:
+            raise CorruptCheckpointError(f"{path}: not a complete training checkpoint: no {key!r}")
+        if not isinstance(obj[key], kind) or (kind is int and isinstance(obj[key], bool)):
+            raise CorruptCheckpointError(f"{path}: not a complete training checkpoint: {key!r} is a "
+                                         f"{type(obj[key]).__name__}")
+    if obj["iteration"] < 0:
+        raise CorruptCheckpointError(f"{path}: iteration {obj['iteration']} is negative")
+
+
+def remove_stale_temps(out_dir: str | os.PathLike) -> list[Path]:
+    """Deletes the temp files of checkpoint writes that a crash interrupted (never complete
+    files: those are renamed into place only once written)."""
+    removed = []
+    for p in Path(out_dir).glob(".*.tmp"):
+        if _STALE_TEMP.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def prune(out_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     """Deletes all but the newest `keep_last` periodic checkpoints (keep_last <= 0 keeps all).
-    model_final.pt and whatever last_checkpoint names are never deleted."""
+
+    model_final.pt and whatever last_checkpoint names are never deleted. Counting stops at the
+    one last_checkpoint names: files newer than it (from a run that went on past it before it
+    was resumed from here, or that could not be read) are left alone, to be overwritten as the
+    run reaches their iteration again, so that `keep_last` good checkpoints remain to fall back to.
+    """
     if keep_last <= 0:
         return []
     out = Path(out_dir)
-    pointer = out / LAST
-    protected = pointer.read_text().strip() if pointer.is_file() else None
+    protected, _ = read_last(out)
+    files = _periodic(out)
+    upto = iteration_of(protected) if protected else None
+    if upto is not None:
+        files = [p for p in files if iteration_of(p) <= upto]
     removed = []
-    for p in _periodic(out)[:-keep_last]:
+    for p in files[:-keep_last]:
         if p.name != protected:
             p.unlink(missing_ok=True)
             removed.append(p)

@@ -7,7 +7,12 @@ Several GPUs (one process each, NCCL), one or more machines: the same command un
     torchrun --nproc_per_node 8 -m proscale train --preset ... --out runs/r50
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m proscale train ...
 CPU processes (gloo): python -m torch.distributed.run --nproc_per_node 2 -m proscale train ... device=cpu
-Resume after a stop, a crash or a preemption: the same command with --resume.
+Resume after a stop, a crash or a preemption: the same command with --resume. It continues from
+the newest checkpoint in --out that loads, warning about each one it passes over (truncated,
+corrupt, missing); with no checkpoint at all it starts from scratch; with checkpoints none of
+which loads, or that do not fit the model, it stops with an error (exit status 4) rather than
+start over on top of them. Exit status: 0 done or interrupted (SIGINT / SIGTERM, checkpoint
+saved), 2 bad data, 3 too many non-finite steps (checkpoint saved), 4 nothing to resume from.
 
 `key=value` overrides: keys of TrainConfig (iterations=, batch_size=, solver.lr=, data.image_size=,
 loss.num_points=, test.overlap_threshold= ...) or of the preset's ModelConfig
@@ -22,9 +27,14 @@ What one iteration (optimizer step) does
 - Mask losses are normalised by the number of target masks in the whole global batch (as
   Mask2Former does across GPUs), also across accumulation steps; the class loss is averaged.
 - AMP (CUDA only): autocast fp16 (with a GradScaler) or bf16, the pixel decoder in fp32.
-- Full-model gradient clipping at solver.clip_grad; a step whose loss or gradient is not
-  finite is skipped with a warning; `max_nonfinite` such steps in a row save a checkpoint and stop.
-- SIGINT / SIGTERM: the current iteration finishes, a checkpoint is saved, the run ends cleanly.
+- Full-model gradient clipping at solver.clip_grad; a step whose loss (on any process) or gradient
+  is not finite is skipped with a warning: no update, BatchNorm statistics restored, the iteration
+  still counted; metrics.jsonl counts them ("nonfinite_steps"); `max_nonfinite` such steps in a row
+  save a checkpoint and stop the run (NonFiniteLossError).
+- SIGINT / SIGTERM: the current iteration finishes, a checkpoint is saved, the run ends cleanly
+  (a second SIGINT interrupts at once; a checkpoint being written is then left out, not torn).
+- Checkpoints are written to a temp file, fsynced and renamed, then last_checkpoint is moved to
+  them: a crash (even SIGKILL or power loss) loses at most the iterations since the last one.
 Outputs (rank 0 only) in `output_dir`: metrics.jsonl (one JSON object per logged iteration and
 per evaluation), model_XXXXXXX.pt checkpoints (the last `keep_last` kept), model_final.pt,
 last_checkpoint, config.yaml.
@@ -50,9 +60,9 @@ from torch import nn
 
 from proscale.config import DataConfig, ModelConfig, SolverConfig, apply_overrides, from_dict, to_dict
 from proscale.engine import distributed as du
-from proscale.checkpoints.io import load_checkpoint, safe_load, save_model
-from proscale.engine.checkpointer import (checkpoint_name, last_checkpoint, prune, rng_state, set_rng_state,
-                                          write_last)
+from proscale.checkpoints.io import CheckpointError, UnsafeCheckpointError, load_checkpoint, safe_load, save_model
+from proscale.engine.checkpointer import (check_training_checkpoint, checkpoint_name, prune, remove_stale_temps,
+                                          resume_candidates, rng_state, set_rng_state, write_last)
 from proscale.engine.optim import build_lr_scheduler, build_optimizer, clip_and_norm
 from proscale.models.criterion import LossConfig
 from proscale.models.postprocess import InferenceConfig
@@ -85,7 +95,14 @@ class TrainConfig:
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised after `max_nonfinite` consecutive steps with a non-finite loss or gradient."""
+    """Raised after `max_nonfinite` consecutive steps with a non-finite loss or gradient, once
+    a checkpoint is saved: `.iteration`, `.checkpoint` (its path), `.skipped` (steps skipped in
+    the run). The skipped steps left the weights alone; --resume continues after their batches."""
+
+    def __init__(self, message: str, iteration: int | None = None, checkpoint: Path | None = None,
+                 skipped: int = 0):
+        super().__init__(message)
+        self.iteration, self.checkpoint, self.skipped = iteration, checkpoint, skipped
 
 
 # ---------------------------------------------------------------------------------- building
@@ -245,6 +262,15 @@ def _iteration_of(line: str) -> float:
         return math.inf
 
 
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """An error's first sentence or so (torch's load errors run to a paragraph of advice)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if len(text) > limit:
+        cut = text.find(". ", 60)
+        text = text[:cut + 1] if 0 < cut < limit else text[:limit] + " ..."
+    return text
+
+
 def _json_default(x):
     return x.tolist() if isinstance(x, torch.Tensor) else str(x)
 
@@ -264,10 +290,12 @@ def _finite_summary(results: dict) -> dict:
 # ---------------------------------------------------------------------------------- training
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Trains as `cfg` says; returns {"status", "iteration", "output_dir", "checkpoint", "losses",
-    "eval"}. Under torchrun every process calls it. `resume`: continue from the newest checkpoint
-    in cfg.output_dir (a fresh start when there is none)."""
+    "eval", "nonfinite_steps"}. Under torchrun every process calls it. `resume`: continue from the
+    newest checkpoint in cfg.output_dir that loads (a fresh start when there is none; CheckpointError
+    when there are some but none can be resumed from: see Trainer.resume)."""
     info = du.init_distributed(cfg.device)
     handlers = []
+    log_state = (logger.level, logger.propagate)
     try:
         if info.is_main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -277,6 +305,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         for handler in handlers:
             logger.removeHandler(handler)
             handler.close()
+        logger.setLevel(log_state[0])
+        logger.propagate = log_state[1]
         du.cleanup(info)
 
 
@@ -328,21 +358,104 @@ class Trainer:
         self.iteration, self.consumed = 0, 0
         self.resumed_from: Path | None = None
         self.loss_keys: list[str] = []
+        self.step_skipped = False
+        self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient, this run
+        # BatchNorm statistics change in every forward: a skipped step puts them back.
+        self._running_stats = [b for m in self.model.modules()
+                               if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+                               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self) -> None:
-        """Continues from the newest checkpoint in the output folder, if there is one."""
-        path = last_checkpoint(self.out)
-        if path is None:
-            if self.info.is_main:
-                logger.info("--resume: no checkpoint in %s, starting from scratch", self.out)
+        """Continues from the newest good checkpoint in the output folder (a fresh start when
+        there is none).
+
+        Rank 0 walks `checkpointer.resume_candidates` (last_checkpoint, or a complete newer file
+        a crash left it behind, then the older ones) past every file that is missing, truncated
+        or otherwise unreadable, or not a training checkpoint, logging a warning that names the
+        file and the problem; the other ranks load the file it chose. It refuses (CheckpointError),
+        as detectron2 and Lightning do for a checkpoint they cannot load, rather than starting
+        over when
+          - checkpoint files exist but none of them can be read: starting afresh would overwrite
+            and prune them (move them away, or use another output folder, to start over);
+          - a checkpoint asks to run code (UnsafeCheckpointError): nothing of it ran;
+          - a readable checkpoint does not fit the model or optimizer (another preset or
+            overrides than the run had): an older one would not fit either.
+        With no checkpoint at all it starts from scratch with a log line (detectron2's
+        resume_or_load, Lightning's ckpt_path="last", Megatron and torchtitan do the same).
+        """
+        chosen, ckpt, error = None, None, None
+        if self.info.is_main:
+            for p in remove_stale_temps(self.out):
+                logger.info("removed %s, the temp file of a checkpoint write that was interrupted", p)
+            try:
+                chosen, ckpt = self._find_resumable()
+            except CheckpointError as e:
+                error = e
+        decision = du.broadcast_object({"name": chosen.name if chosen else None,
+                                        "error": str(error) if error else None})
+        if error is not None:
+            raise error
+        if decision["error"]:
+            raise CheckpointError(decision["error"])
+        if decision["name"] is None:
             return
-        ckpt = safe_load(path)
-        load_checkpoint(self.model, ckpt, strict=True, source="proscale")
-        # Optimizer state (moments, step counts) from the checkpoint; hyper-parameters and the
-        # schedule from the current config, so a resumed run may change them (e.g. more iterations).
-        hparams = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if not self.info.is_main:
+            chosen = self.out / decision["name"]
+            ckpt = safe_load(chosen)
+            check_training_checkpoint(ckpt, chosen)
+            self._load_training_state(ckpt, chosen)
+        self.resumed_from = chosen
+        if self.info.is_main:
+            logger.info("resumed from %s at iteration %d", chosen, self.iteration)
+
+    def _find_resumable(self) -> tuple[Path | None, dict | None]:
+        """(path, loaded checkpoint) of the first good resume candidate, its state loaded into
+        the trainer; (None, None) when the folder holds no checkpoint. See `resume`."""
+        candidates, notes = resume_candidates(self.out)
+        for note in notes:
+            logger.warning("--resume: %s; looking for the newest checkpoint kept instead", note)
+        if not candidates:
+            logger.info("--resume: no checkpoint in %s, starting from scratch", self.out)
+            return None, None
+        problems = []
+        for path in candidates:
+            try:
+                ckpt = safe_load(path)
+                check_training_checkpoint(ckpt, path)
+            except UnsafeCheckpointError:
+                raise
+            except (CheckpointError, OSError) as e:  # corrupt, truncated, gone since listed, unreadable
+                problem = _first_line(e)
+                if problem.startswith(f"{path}: "):
+                    problem = problem[len(f"{path}: "):]
+                problems.append(f"{path}: {problem}")
+                later = "trying the next newest one" if path != candidates[-1] else "no older checkpoint left"
+                logger.warning("--resume: cannot continue from %s: %s; %s", path, problem, later)
+                continue
+            self._load_training_state(ckpt, path)
+            if problems:
+                logger.warning("--resume: fell back to %s (iteration %d) past %d unusable checkpoint(s)", path,
+                               self.iteration, len(problems))
+            return path, ckpt
+        raise CheckpointError(
+            f"--resume: none of the {len(candidates)} checkpoints in {self.out} can be resumed from:\n"
+            + "\n".join(f"  {p}" for p in problems)
+            + f"\nRefusing to start from scratch over them: move them away or choose another output folder "
+              f"to start over (or fix last_checkpoint to name a good file).")
+
+    def _load_training_state(self, ckpt: dict, path: Path) -> None:
+        """Model, optimizer, schedule, scaler, RNG and data position from a checked checkpoint.
+        A checkpoint that does not fit raises CheckpointError naming it."""
+        try:
+            load_checkpoint(self.model, ckpt, strict=True, source="proscale")
+            # Optimizer state (moments, step counts) from the checkpoint; hyper-parameters and the
+            # schedule from the current config, so a resumed run may change them (e.g. more iterations).
+            hparams = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (CheckpointError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path} does not fit this run's model / optimizer (another preset or model "
+                                  f"overrides?): {e}") from None
         for group, h in zip(self.optimizer.param_groups, hparams):
             group.update(h)
         sched = {k: v for k, v in ckpt["scheduler"].items() if k not in ("base_lrs", "_last_lr")}
@@ -367,9 +480,6 @@ class Trainer:
             if self.info.is_main:
                 logger.warning("%s was written with another batch layout: the data order continues "
                                "approximately, not exactly", path)
-        self.resumed_from = path
-        if self.info.is_main:
-            logger.info("resumed from %s at iteration %d", path, self.iteration)
 
     def save(self, name: str | None = None) -> Path:
         """Writes a training checkpoint (rank 0; every rank must call it: RNG states are gathered)."""
@@ -391,9 +501,15 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def step(self, ddp_model: nn.Module, batches: list[dict]) -> tuple[torch.Tensor, float]:
         """One optimizer step over this process's micro-batches; returns (loss vector: the
-        unweighted losses averaged over micro-batches, then the weighted total; gradient norm)."""
+        unweighted losses averaged over micro-batches, then the weighted total; gradient norm).
+
+        When the total loss (on any rank) or the gradient norm is not finite the step is skipped:
+        no optimizer update, and BatchNorm running statistics are put back as they were, so the
+        model is exactly as before; the iteration still counts (its data and its place in the lr
+        schedule are used up). `self.step_skipped` says which happened."""
         W, A, rank = self.info.world_size, len(batches), self.info.rank
         mask_scale, ce_scale = _loss_scales(batches, W, self.device)
+        saved_stats = [b.clone() for b in self._running_stats]
         loss_vec = None
         for k, batch in enumerate(batches):
             torch.manual_seed(step_seed(self.cfg.seed, self.iteration, k * W + rank))
@@ -415,9 +531,20 @@ class Trainer:
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         grad_norm = clip_and_norm(self.params, self.cfg.solver.clip_grad)
-        # The norm is of the all-reduced gradients: every rank takes the same decision.
-        if math.isfinite(grad_norm) or self.scaler.is_enabled():
+        # The norm is of the all-reduced gradients, the same on every rank; the loss is not
+        # (a loss can be inf / nan with finite gradients): its verdict is reduced over ranks.
+        loss_bad = (~torch.isfinite(loss_vec[-1])).float()
+        if self.info.distributed:
+            loss_bad = du.all_reduce_tensor(loss_bad, "max")
+        loss_ok = loss_bad.item() == 0.0
+        grad_ok = math.isfinite(grad_norm)
+        if loss_ok and (grad_ok or self.scaler.is_enabled()):
             self.scaler.step(self.optimizer)  # optimizer.step(); with fp16 it skips inf gradients itself
+        self.step_skipped = not (loss_ok and grad_ok)
+        if self.step_skipped:
+            with torch.no_grad():
+                for buf, old in zip(self._running_stats, saved_stats):
+                    buf.copy_(old)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -446,6 +573,7 @@ class Trainer:
         stream = BatchStream(self.loader, self.consumed)
         bar = _progress(cfg, info, self.iteration)
         window: list[torch.Tensor] = []  # loss vectors since the last log line
+        bad_window: list[torch.Tensor] = []  # ... of the steps skipped since then
         times: list[float] = []
         nonfinite = 0
         skipped = 0  # bad samples replaced since the last log line (this rank)
@@ -459,28 +587,41 @@ class Trainer:
                 batches = [next(stream) for _ in range(cfg.solver.accumulate)]
                 skipped += sum(len(events) for b in batches for events in b.get("skipped", ()))
                 loss_vec, grad_norm = self.step(ddp_model, batches)
-                window.append(loss_vec)
                 now = time.perf_counter()
                 times.append(now - t_last)
                 t_last = now
                 it = self.iteration
-                if math.isfinite(grad_norm):
+                if not self.step_skipped:
                     nonfinite = 0
+                    window.append(loss_vec)
                 else:
                     nonfinite += 1
+                    self.nonfinite_steps += 1
+                    bad_window.append(loss_vec)
+                    loss_finite = math.isfinite(float(loss_vec[-1]))
                     # Under fp16 an inf gradient is mostly the GradScaler probing its scale: quiet
                     # unless the (fp32) loss itself is not finite.
-                    if not self.scaler.is_enabled() or not math.isfinite(float(loss_vec[-1])):
-                        logger.warning("iteration %d: non-finite loss or gradient (%d in a row), step skipped: %s",
-                                       it, nonfinite, dict(zip(self.loss_keys + ["loss"], loss_vec.tolist())))
-                    if nonfinite >= cfg.max_nonfinite:
-                        path = self.save()
-                        raise NonFiniteLossError(f"{nonfinite} consecutive steps with a non-finite loss or gradient; "
-                                                 f"stopped at iteration {it}, checkpoint {path}")
-                if it % cfg.log_period == 0 or it == cfg.iterations:
-                    last_losses = _log_window(log, bar, self.loss_keys, window, times, skipped, it,
-                                              self.optimizer, grad_norm, cfg, self.device)
-                    window, times, skipped = [], [], 0
+                    if not self.scaler.is_enabled() or not loss_finite:
+                        what = ("loss" if not loss_finite else f"gradient (norm {grad_norm})" if not
+                                math.isfinite(grad_norm) else "loss on another process")
+                        logger.warning("iteration %d: non-finite %s, step skipped (%d in a row, %d in this run; the "
+                                       "run stops at %d in a row): %s", it, what, nonfinite, self.nonfinite_steps,
+                                       cfg.max_nonfinite, dict(zip(self.loss_keys + ["loss"], loss_vec.tolist())))
+                give_up = nonfinite >= cfg.max_nonfinite
+                if it % cfg.log_period == 0 or it == cfg.iterations or give_up:
+                    # Losses of the steps taken; of the skipped ones when all were skipped.
+                    last_losses = _log_window(log, bar, self.loss_keys, window or bad_window, times, skipped, it,
+                                              self.optimizer, grad_norm, cfg, self.device, nonfinite=len(bad_window))
+                    window, bad_window, times, skipped = [], [], [], 0
+                if give_up:
+                    path = self.save()
+                    if info.is_main:
+                        logger.error("%d consecutive steps with a non-finite loss or gradient (max_nonfinite=%d): "
+                                     "stopped at iteration %d with checkpoint %s", nonfinite, cfg.max_nonfinite, it,
+                                     path)
+                    raise NonFiniteLossError(f"{nonfinite} consecutive steps with a non-finite loss or gradient; "
+                                             f"stopped at iteration {it}, checkpoint {path}", iteration=it,
+                                             checkpoint=path, skipped=self.nonfinite_steps)
                 if bar is not None:
                     bar.update(1)
                 stop_now = du.all_reduce_tensor(torch.tensor([float(stop.signal is not None)]), "max").item() > 0
@@ -506,7 +647,7 @@ class Trainer:
             if info.is_main:
                 logger.info("stopped at iteration %d; continue with --resume (checkpoint %s)", self.iteration, path)
         return {"status": status, "iteration": self.iteration, "output_dir": str(self.out), "checkpoint": str(path),
-                "losses": last_losses, "eval": eval_results}
+                "losses": last_losses, "eval": eval_results, "nonfinite_steps": self.nonfinite_steps}
 
 
 def _loss_scales(batch_list: list[dict], world: int, device: torch.device) -> tuple[list[float], float]:
@@ -523,9 +664,10 @@ def _loss_scales(batch_list: list[dict], world: int, device: torch.device) -> tu
 
 
 def _log_window(log: MetricsLog, bar, keys, window, times, skipped, iteration, optimizer, grad_norm, cfg,
-                device) -> dict:
+                device, nonfinite: int = 0) -> dict:
     """Writes one metrics.jsonl line: losses averaged over the window (and over ranks), lr, seconds
-    per iteration, gradient norm, ETA; "skipped" (bad samples replaced, all ranks) when any."""
+    per iteration, gradient norm, ETA; "skipped" (bad samples replaced, all ranks) and
+    "nonfinite_steps" (steps skipped for a non-finite loss or gradient) when any."""
     mean = torch.stack(window).mean(0).cpu()  # one device sync per log period
     values = {k: float(v) for k, v in zip(keys + ["loss"], mean.tolist())}
     values["skipped"] = float(skipped)
@@ -538,6 +680,8 @@ def _log_window(log: MetricsLog, bar, keys, window, times, skipped, iteration, o
               "grad_norm": grad_norm, "eta_s": sec * (cfg.iterations - iteration)}
     if skipped_all:
         record["skipped"] = skipped_all
+    if nonfinite:
+        record["nonfinite_steps"] = nonfinite
     if device.type == "cuda":
         record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     log.write(record)
@@ -660,6 +804,9 @@ def main(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:  # --resume found checkpoints but none it may continue from
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: result[k] for k in ("status", "iteration", "checkpoint")}))
     return 0
