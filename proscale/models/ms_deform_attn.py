@@ -6,6 +6,11 @@ Shapes used throughout:
 
 `spatial_shapes` is a tuple of (H_l, W_l) Python ints, never a tensor: that keeps the
 forward free of host syncs and friendly to torch.compile / torch.export.
+
+`ms_deform_attn_core` below is the pure reference (grid_sample per level). The module calls
+`proscale.kernels.ms_deform_attn`, which runs the fastest back end for the device (Triton on
+CUDA, a fused gather on CPU) and this reference while exporting or compiling; PROSCALE_MSDA=pure
+forces the reference everywhere.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from proscale.kernels import ms_deform_attn
 from proscale.models.constant_cache import ConstantCache
 
 SpatialShapes = tuple[tuple[int, int], ...]
@@ -118,5 +124,5 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(B, Nq, M, L * P).softmax(-1).view(B, Nq, M, L, P)
         scale = self.offset_scale(spatial_shapes, offsets)
         locations = reference_points[:, :, None, :, None, :] + offsets * scale[None, None, None, :, None, :]
-        out = ms_deform_attn_core(v, spatial_shapes, locations, weights)
+        out = ms_deform_attn(v, spatial_shapes, locations, weights)
         return self.output_proj(out)
