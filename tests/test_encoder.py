@@ -82,7 +82,8 @@ def baseline_pixel_decoder_by_hand(pd, feats):
     for h, w in shapes:
         maps.append(x[:, start:start + h * w].transpose(1, 2).reshape(1, -1, h, w))
         start += h * w
-    y = pd.adapter_1(feats["res2"])
+    # Channels-last as the module runs it: convolution rounding depends on the memory format.
+    y = pd.adapter_1(feats["res2"].contiguous(memory_format=torch.channels_last))
     y = y + F.interpolate(maps[-1], size=y.shape[-2:], mode="bilinear", align_corners=False)
     return pd.mask_features(pd.layer_1(y)), maps
 
