@@ -48,14 +48,6 @@ def cli(root: str, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def one_thread_module():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     from proscale.data import generate_synthetic
 
@@ -64,7 +56,7 @@ def data_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(data_root, tmp_path_factory, one_thread_module):
+def reference(data_root, tmp_path_factory):
     """An uninterrupted N-iteration run that keeps a checkpoint of every iteration: (folder,
     final checkpoint). Checkpointing does not touch the RNG, so the weights are those of any
     other checkpoint_period."""
@@ -184,7 +176,7 @@ def test_resume_candidates_order(tmp_path):
 
 
 # ------------------------------------------------------------------------------ resume fallbacks
-def test_resume_walks_back_past_corrupt_checkpoints(data_root, reference, tmp_path, one_thread_module):
+def test_resume_walks_back_past_corrupt_checkpoints(data_root, reference, tmp_path):
     """last_checkpoint names a truncated file, the one before is garbage: --resume warns about
     both (file and problem) and continues from the one before them, ending with the weights of
     the uninterrupted run."""
@@ -204,7 +196,7 @@ def test_resume_walks_back_past_corrupt_checkpoints(data_root, reference, tmp_pa
     assert not list(out.glob(".*.tmp"))
 
 
-def test_resume_pointer_to_missing_file_and_nothing_usable(data_root, reference, tmp_path, one_thread_module,
+def test_resume_pointer_to_missing_file_and_nothing_usable(data_root, reference, tmp_path,
                                                            capsys):
     # last_checkpoint names a file that is gone: warn, continue from the newest one kept.
     out = seed_checkpoint_folder(reference, tmp_path / "gone", 3)
@@ -243,7 +235,7 @@ def test_resume_pointer_to_missing_file_and_nothing_usable(data_root, reference,
 
 
 # ------------------------------------------------------------------------------ non-finite steps
-def test_nonfinite_steps_skipped_counted_then_stop(data_root, tmp_path, one_thread_module, monkeypatch):
+def test_nonfinite_steps_skipped_counted_then_stop(data_root, tmp_path, monkeypatch):
     """Iterations 2, 4, 5, 6 have a non-finite loss (2 and 6: NaN with NaN gradients; 4 and 5:
     +inf added to the loss, gradients finite). Each is skipped with a warning and leaves the model
     (parameters and BatchNorm statistics) exactly as it was; three in a row save and stop."""
@@ -293,7 +285,7 @@ def test_nonfinite_steps_skipped_counted_then_stop(data_root, tmp_path, one_thre
 
 
 # ------------------------------------------------------------------------------ signals
-def test_sigint_saves_and_exits_cleanly(data_root, reference, tmp_path, one_thread_module):
+def test_sigint_saves_and_exits_cleanly(data_root, reference, tmp_path):
     """Ctrl-C (SIGINT) mid-run: the iteration finishes, a checkpoint is saved, exit status 0;
     --resume finishes with the uninterrupted run's weights."""
     out = tmp_path / "run"
@@ -326,7 +318,7 @@ def test_sigint_saves_and_exits_cleanly(data_root, reference, tmp_path, one_thre
     assert_same_weights(safe_load(out / "model_final.pt")["model"], reference[1]["model"])
 
 
-def test_sigkill_mid_run_then_resume(data_root, reference, tmp_path, one_thread_module):
+def test_sigkill_mid_run_then_resume(data_root, reference, tmp_path):
     """kill -9 after the second periodic checkpoint appears; `proscale train --resume` restarts
     from at least the last checkpoint written and ends with the uninterrupted run's weights."""
     out = tmp_path / "run"

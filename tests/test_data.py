@@ -21,15 +21,6 @@ from proscale.data import (SYNTHETIC_CATEGORIES, AnnotationError, CocoInstancesD
 from proscale.data.transforms import Compose
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors on a shared 2-core machine: OpenMP threads only add contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     return generate_synthetic(str(tmp_path_factory.mktemp("synth")), num_train=6, num_val=3,

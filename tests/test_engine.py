@@ -18,15 +18,6 @@ from proscale.engine.optim import LRSchedule, build_lr_scheduler, build_optimize
 from proscale.engine.train import TrainConfig, split_overrides, train  # noqa: E402
 
 
-@pytest.fixture
-def one_thread():
-    """The test machines have 2 cores shared by several jobs: one thread is much faster there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(root: str, out: str, *overrides: str, preset: str = "m2f_tiny") -> TrainConfig:
     cfg = TrainConfig(preset=preset, output_dir=out, progress=False)
     cfg.data.train = (f"synthetic:{root}",)
@@ -144,7 +135,7 @@ def test_pixel_decoder_stays_fp32_under_autocast():
 
 
 # ------------------------------------------------------------------------------ the loop
-def test_overfits_four_images(tmp_path, one_thread):
+def test_overfits_four_images(tmp_path):
     """A tiny model learns 4 synthetic 64 px images to PQ >= 90 on those images."""
     from proscale.data import generate_synthetic
 
@@ -175,7 +166,7 @@ def test_overfits_four_images(tmp_path, one_thread):
     assert (tmp_path / "run" / "last_checkpoint").read_text().strip() == "model_final.pt"
 
 
-def test_checkpoints_rotate_and_config_written(synth64, tmp_path, one_thread):
+def test_checkpoints_rotate_and_config_written(synth64, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_cfg(synth64, str(out), "iterations=4", "checkpoint_period=1", "keep_last=2", "log_period=2")
     train(cfg)
@@ -196,7 +187,7 @@ def test_checkpoints_rotate_and_config_written(synth64, tmp_path, one_thread):
     assert again.iterations == 4 and again.data.train == (f"synthetic:{synth64}",)
 
 
-def test_nonfinite_steps_are_skipped_then_stop(synth64, tmp_path, one_thread, monkeypatch):
+def test_nonfinite_steps_are_skipped_then_stop(synth64, tmp_path, monkeypatch):
     """A NaN loss skips the step (weights unchanged); max_nonfinite in a row save and stop."""
     from proscale.engine import train as train_mod
     from proscale.models import criterion as crit_mod
@@ -226,7 +217,7 @@ def test_nonfinite_steps_are_skipped_then_stop(synth64, tmp_path, one_thread, mo
     assert all(math.isfinite(v.float().abs().sum().item()) for v in ckpt["model"].values())
 
 
-def test_bad_training_sample_stops_or_is_skipped(tmp_path, one_thread):
+def test_bad_training_sample_stops_or_is_skipped(tmp_path):
     from proscale.data import DataError, generate_synthetic
 
     root = generate_synthetic(str(tmp_path / "data"), num_train=4, num_val=1, image_size=64, seed=0)

@@ -77,16 +77,6 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
         t.add_(torch.randn(t.shape, generator=g) * (0.5 * std if std > 0 else 0.05))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These are many small ops: on a shared 2-core runner, intra-op threads mostly spin-wait
-    (measured here: 4x slower wall time with 2 threads under load). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def pair(request):
     """(name, transformers model, proscale model carrying its converted weights), both in eval mode."""

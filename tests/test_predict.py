@@ -17,15 +17,6 @@ from proscale.data import SYNTHETIC_CATEGORIES  # noqa: E402
 from proscale.predictor import Predictor  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machines have 2 cores shared by several jobs: one thread is much faster there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run_cli(argv: list[str]) -> int:
     from proscale.cli import main
 

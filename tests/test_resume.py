@@ -35,14 +35,6 @@ def make_cfg(root: str, out: Path, *extra: str) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def one_thread_module():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     from proscale.data import generate_synthetic
 
@@ -51,7 +43,7 @@ def data_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(data_root, tmp_path_factory, one_thread_module):
+def reference(data_root, tmp_path_factory):
     """Weights of the uninterrupted N-iteration run."""
     out = tmp_path_factory.mktemp("ref")
     result = train(make_cfg(data_root, out))
@@ -69,7 +61,7 @@ def iterations_logged(out: Path) -> list[int]:
     return [json.loads(line)["iteration"] for line in open(out / "metrics.jsonl") if "loss" in line]
 
 
-def test_stop_and_resume_matches_uninterrupted(data_root, reference, tmp_path, one_thread_module):
+def test_stop_and_resume_matches_uninterrupted(data_root, reference, tmp_path):
     out = tmp_path / "run"
     first = train(make_cfg(data_root, out, "stop_after=3"))
     assert first["status"] == "stopped" and first["iteration"] == 3
@@ -90,13 +82,13 @@ def test_stop_and_resume_matches_uninterrupted(data_root, reference, tmp_path, o
     assert iterations_logged(out) == list(range(1, N + 1))
 
 
-def test_resume_without_checkpoint_starts_fresh(data_root, tmp_path, one_thread_module):
+def test_resume_without_checkpoint_starts_fresh(data_root, tmp_path):
     out = tmp_path / "run"
     result = train(make_cfg(data_root, out, "iterations=1"), resume=True)
     assert result["status"] == "completed" and result["iteration"] == 1
 
 
-def test_sigterm_saves_and_resumes(data_root, reference, tmp_path, one_thread_module):
+def test_sigterm_saves_and_resumes(data_root, reference, tmp_path):
     """`proscale train` stopped by SIGTERM mid-run exits 0 with a checkpoint; --resume finishes
     the run with the uninterrupted run's weights."""
     out = tmp_path / "run"

@@ -25,14 +25,6 @@ from proscale.data.validate import (SkipBadSamples, ValidationReport, add_parser
 H, W = 48, 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def synth_src(tmp_path_factory):
     return generate_synthetic(str(tmp_path_factory.mktemp("src")), num_train=3, num_val=2,
