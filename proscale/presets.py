@@ -96,6 +96,28 @@ def proscale_tiny_333() -> ModelConfig:
     return _tiny(proscale_encoder((3, 3, 3), layout="spatial"))
 
 
+def _nano(encoder: EncoderConfig) -> ModelConfig:
+    """The tiny model on RegNetX-200MF (timm `regnetx_002`, 2.3M parameters): the backbone of a
+    from-scratch ResNet-18 costs 8x the GFLOPs and ~2x the CPU time per step, and at 64-128 px
+    inputs it would be ~75% of the whole model's GFLOPs, hiding the pixel decoder the comparison
+    is about. `proscale quickstart` trains these."""
+    cfg = _tiny(encoder)
+    cfg.backbone = BackboneConfig("regnetx_002")
+    return cfg
+
+
+@register
+def m2f_nano() -> ModelConfig:
+    """CPU preset: as m2f_tiny on a RegNetX-200MF backbone; baseline encoder."""
+    return _nano(EncoderConfig())
+
+
+@register
+def proscale_nano_333() -> ModelConfig:
+    """CPU preset: as m2f_nano with the PRO-SCALE (3,3,3) encoder (spatial TRC layout)."""
+    return _nano(proscale_encoder((3, 3, 3), layout="spatial"))
+
+
 def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")

@@ -1,0 +1,118 @@
+"""`proscale quickstart` end to end at toy size: data -> both trainings -> evaluation -> GFLOPs and
+latency -> report.md / report.html with plots and overlays; an interrupted run resumes from its
+checkpoint and a finished one is left alone on a re-run."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from proscale.quickstart import MODELS, QuickstartConfig, add_parser, run_quickstart  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """The test machines have 2 cores shared by several jobs: one thread is much faster there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def toy(out: Path, **kw) -> QuickstartConfig:
+    """The smallest run that exercises every stage (seconds, not minutes)."""
+    base = dict(out=str(out), num_train=8, num_val=3, iterations=3, batch_size=2, checkpoint_period=1,
+                latency_warmup=1, latency_repeats=2, latency_rounds=1, latency_large_size=96, num_overlays=2,
+                progress=False)
+    base.update(kw)
+    return QuickstartConfig(**base)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def snapshot(out: Path) -> dict[str, int]:
+    """mtime_ns of what a finished run must not rewrite on a re-run."""
+    files = [out / "data" / ".complete", out / "data" / "annotations" / "panoptic_train.json", out / "plan.json",
+             out / "measure.json", out / "report.md", out / "report.html", out / "plots" / "loss_curves.png"]
+    for key, _, _ in MODELS:
+        run = out / "runs" / key
+        files += [run / "model_final.pt", run / "metrics.jsonl", run / "done.json", out / "eval" / f"{key}.json"]
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in files}
+
+
+def test_quickstart_end_to_end_and_resume(tmp_path, one_thread, capsys):
+    out = tmp_path / "qs"
+    # 1) The first model's training is cut after 2 of 3 iterations (as by a kill): the job stops.
+    with pytest.raises(RuntimeError, match="run the quickstart again"):
+        run_quickstart(toy(out, extra_overrides=("stop_after=2",)))
+    first = out / "runs" / MODELS[0][0]
+    assert (first / "model_0000002.pt").is_file() and not (first / "model_final.pt").exists()
+
+    # 2) The re-run keeps the data, resumes that training at iteration 2 and does the rest.
+    result = run_quickstart(toy(out))
+    assert result["trained"][MODELS[0][0]]["status"] == "trained"
+    iterations = [json.loads(line)["iteration"] for line in (first / "metrics.jsonl").read_text().splitlines()
+                  if "loss" in json.loads(line)]
+    assert iterations == [1, 2, 3]  # continued, not restarted
+    assert json.loads((first / "train_time.json").read_text()).__len__() == 2  # two calls trained it
+
+    # Report files, plots and overlays.
+    md = Path(result["report_md"]).read_text()
+    html = Path(result["report_html"]).read_text()
+    for _, name, preset in MODELS:
+        assert name in md and name in result["table"] and preset in md
+        assert name in html
+    assert f"{MODELS[1][1]} / {MODELS[0][1]}" in result["table"]  # the ratio row
+    for head in ("encoder GFLOPs", "total GFLOPs", "encoder ms", "model ms", "PQ", "AP", "mIoU"):
+        assert head in md.splitlines()[md.splitlines().index("## Comparison") + 4]
+    assert "object-mask threshold 0.5" in md  # the inference thresholds are stated
+    assert html.count("data:image/png;base64,") == 3  # loss curves, GFLOPs bars, overlays: embedded
+    for plot in ("loss_curves.png", "gflops_per_component.png"):
+        w, h = png_size(out / "plots" / plot)
+        assert w > 300 and h > 200
+    overlays = sorted((out / "overlays").glob("val_*.png"))
+    assert len(overlays) == 2
+    w, h = png_size(overlays[0])
+    assert w > 4 * 64 * 3 and h >= 64 * 3  # four upscaled panels side by side: input, GT, two models
+    assert (out / "overlays" / "overview.png").is_file()
+
+    # Numbers: both models measured, PRO-SCALE's pixel decoder cheaper.
+    measure = json.loads((out / "measure.json").read_text())
+    rows = {r["key"]: r for r in result["rows"]}
+    assert set(rows) == {k for k, _, _ in MODELS}
+    base, ours = rows[MODELS[0][0]], rows[MODELS[1][0]]
+    assert ours["encoder_gflops"] < 0.55 * base["encoder_gflops"]
+    assert 0 < ours["total_gflops"] < base["total_gflops"]
+    for row in ("pixel_decoder/infer", "model/infer"):
+        assert all(measure["latency_ms"][row][k]["median"] > 0 for k in rows)
+    for key in rows:
+        metrics = json.loads((out / "eval" / f"{key}.json").read_text())["metrics"]
+        assert {"panoptic", "instance", "semantic"} <= set(metrics)
+        assert {"PQ", "PQ_th", "PQ_st"} <= set(metrics["panoptic"])
+
+    # 3) A re-run with the same folder trains, evaluates and measures nothing again.
+    before = snapshot(out)
+    again = run_quickstart(toy(out))
+    assert snapshot(out) == before
+    assert all(t["status"] == "kept" for t in again["trained"].values())
+    assert again["table"] == result["table"]
+    assert "kept" in capsys.readouterr().err
+
+
+def test_quickstart_cli_options():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["quickstart", "--out", "x", "--budget-minutes", "3", "--iterations", "7"])
+    assert (args.out, args.budget_minutes, args.iterations) == ("x", 3.0, 7) and callable(args.func)
