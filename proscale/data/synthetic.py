@@ -57,6 +57,11 @@ class SyntheticParams:
     thing_noise: float = 6.0  # per-pixel noise std on shapes (0-255 scale)
     min_contrast: float = 70.0  # min RGB distance between a shape and what lies beneath it
     min_stuff_area: int = 16  # smaller visible stuff pieces become void (ignored by PQ)
+    # Colour follows the class: a segment's colour is its category's `color` plus
+    # class_color_jitter * (uniform RGB - 127.5). Off: colours are uniformly random and the class
+    # shows only in the shape (things) or the texture and position (stuff).
+    class_colors: bool = False
+    class_color_jitter: float = 0.25
 
 
 DIFFICULTY = {
@@ -99,6 +104,14 @@ def _draw_shape(shape: str, size: tuple[int, int], cx: float, cy: float, r: floa
 
 def _random_color(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0, 255, size=3)
+
+
+def _segment_color(category: Category, p: "SyntheticParams", rng: np.random.Generator) -> np.ndarray:
+    """A random colour, or with p.class_colors the category's colour plus some jitter."""
+    if not p.class_colors:
+        return _random_color(rng)
+    jitter = p.class_color_jitter * (rng.uniform(0, 255, size=3) - 127.5)
+    return np.clip(np.asarray(category.color, dtype=np.float64) + jitter, 0, 255)
 
 
 def _stuff_texture(name: str, base: np.ndarray, h: int, w: int, strength: float,
@@ -147,11 +160,11 @@ def _render(h: int, w: int, p: SyntheticParams, rng: np.random.Generator):
     image = np.zeros((h, w, 3), dtype=np.float64)
     colors = []
     for k, name in enumerate(names):
-        base = _random_color(rng)
+        base = _segment_color(_STUFF[name], p, rng)
         for _ in range(20):  # neighbouring bands must differ in colour
             if not colors or np.linalg.norm(base - colors[-1]) >= 50:
                 break
-            base = _random_color(rng)
+            base = _segment_color(_STUFF[name], p, rng)
         colors.append(base)
         tex = _stuff_texture(name, base, h, w, p.texture, rng)
         image[band == k] = tex[band == k]
@@ -173,11 +186,12 @@ def _render(h: int, w: int, p: SyntheticParams, rng: np.random.Generator):
         else:
             continue  # no placement that keeps earlier shapes visible enough
         under = image[mask].mean(0)
-        color = _random_color(rng)
+        category = SYNTHETIC_CATEGORIES[THING_SHAPES.index(shape)]
+        color = _segment_color(category, p, rng)
         for _ in range(30):
             if np.linalg.norm(color - under) >= p.min_contrast:
                 break
-            color = _random_color(rng)
+            color = _segment_color(category, p, rng)
         # Gentle shading along a random direction plus noise: a flat fill would be too easy.
         yy, xx = np.nonzero(mask)
         direction = rng.uniform(0, 2 * math.pi)
