@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -60,30 +61,32 @@ class QuickstartConfig:
     seed: int = 0
 
     # --- data: generate_synthetic(...) arguments -----------------------------------------
-    image_size: int = 64
+    image_size: int = 128
     num_train: int = 1000
     num_val: int = 100
     difficulty: str = "easy"
-    # SyntheticParams overrides: few, large shapes (26-45 px across at 64 px), and colours that
-    # follow the class (category colour + 25% of a random colour). With random colours the class
-    # shows only in the outline, which a from-scratch model does not learn in minutes (thing PQ
-    # stays 0 after 600 iterations). Keys the installed generator lacks are dropped with a warning.
+    # SyntheticParams overrides: at most two large shapes (51-90 px across at 128 px), and colours
+    # that follow the class (the category's colour + 25% of a random colour). With random colours
+    # the class shows only in the outline, which a from-scratch model does not learn in minutes
+    # (thing PQ stayed 0 after 600 iterations). Keys the installed generator lacks are dropped
+    # with a warning.
     synthetic: dict = field(default_factory=lambda: {"min_radius": 0.2, "max_radius": 0.35, "max_things": 2,
                                                      "class_colors": True, "class_color_jitter": 0.25})
 
     # --- training (same for both models) --------------------------------------------------
-    max_iterations: int = 400  # the recipe: iterations per model when the budget allows
+    max_iterations: int = 800  # the recipe: iterations per model when the budget allows
     min_iterations: int = 20  # the plan never goes below this
-    batch_size: int = 8
-    lr: float = 1e-3  # from scratch, small batch: 10x the COCO recipe's 1e-4
+    batch_size: int = 4  # more, smaller steps learn faster in a few minutes than fewer large ones
+    lr: float = 2e-3  # from scratch, small batch: the COCO recipe's 1e-4 barely moves in 800 steps
     schedule: str = "poly"
-    warmup_iters: int = 0
+    warmup_iters: int = 50
     weight_decay: float = 0.05
     clip_grad: float = 1.0
     class_weight: float = 2.0
     no_object_weight: float = 0.1
     points_fraction: float = 0.25  # sampled points per mask = this * H * W (12,544 is for 1024 px)
-    checkpoint_period: int = 100
+    checkpoint_period: int = 200
+    stop_after: int = 0  # > 0: each training stops at this iteration (with a checkpoint); a re-run goes on
     extra_overrides: tuple[str, ...] = ()  # any further TrainConfig / model `key=value`
 
     # --- inference (stated in the report) --------------------------------------------------
@@ -224,7 +227,7 @@ def train_config(cfg: QuickstartConfig, key: str, preset: str, iterations: int):
         "data.augmentation=none", "data.flip=true", "data.min_size_test=0", "data.num_workers=0",
         f"solver.lr={cfg.lr}", f"solver.schedule={cfg.schedule}", f"solver.warmup_iters={cfg.warmup_iters}",
         f"solver.weight_decay={cfg.weight_decay}", "solver.backbone_multiplier=1.0",
-        f"solver.clip_grad={cfg.clip_grad}",
+        f"solver.clip_grad={cfg.clip_grad}", f"stop_after={cfg.stop_after}",
         f"loss.num_points={points}", f"loss.class_weight={cfg.class_weight}",
         f"loss.no_object_weight={cfg.no_object_weight}",
         f"test.object_mask_threshold={cfg.object_mask_threshold}",
@@ -235,11 +238,12 @@ def train_config(cfg: QuickstartConfig, key: str, preset: str, iterations: int):
     return tcfg
 
 
-def time_training_step(cfg: QuickstartConfig, preset: str, steps: int = 3) -> float:
-    """Seconds per training iteration of `preset` here (after one warm-up step): the data, model,
-    loss and optimizer of the real run, on the first batches."""
+def time_training_step(cfg: QuickstartConfig, preset: str, steps: int = 5, warmup: int = 2) -> float:
+    """Seconds per training iteration of `preset` here: the median of `steps` iterations after
+    `warmup`, each loading its batch from disk, with the data, model, loss and optimizer of the
+    real run."""
     from proscale.data import build_dataloader
-    from proscale.engine.optim import build_optimizer
+    from proscale.engine.optim import build_optimizer, clip_and_norm
     from proscale.engine.train import build_model_config, build_train_dataset
     from proscale.models.criterion import build_criterion
     from proscale.models.maskformer import build_maskformer
@@ -251,32 +255,47 @@ def time_training_step(cfg: QuickstartConfig, preset: str, steps: int = 3) -> fl
     model = build_maskformer(build_model_config(tcfg, metadata.num_classes)).to(device).train()
     criterion = build_criterion(model.num_classes, tcfg.loss).to(device)
     optimizer = build_optimizer(model, tcfg.solver)
+    params = [p for p in model.parameters() if p.requires_grad]
     loader = build_dataloader(dataset, tcfg.batch_size, train=True, num_workers=0, seed=cfg.seed)
     batches = iter(loader)
     times = []
-    for i in range(steps + 1):
-        batch = next(batches)
+    for i in range(steps + warmup):
         start = time.perf_counter()
+        batch = next(batches)
         images = [im.to(device) for im in batch["images"]]
         targets = [{k: t[k].to(device) for k in ("labels", "masks")} for t in batch["targets"]]
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             out = model(images)
         loss = criterion.total_loss(criterion(out, targets))
         loss.backward()
+        clip_and_norm(params, tcfg.solver.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i:
+        if i >= warmup:
             times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
+def training_settings(cfg: QuickstartConfig) -> dict:
+    """What, besides the data and the iterations, decides the trained weights."""
+    keys = ("seed", "batch_size", "lr", "schedule", "warmup_iters", "weight_decay", "clip_grad", "class_weight",
+            "no_object_weight", "points_fraction", "extra_overrides", "object_mask_threshold", "overlap_threshold")
+    out = {k: getattr(cfg, k) for k in keys}
+    out["extra_overrides"] = list(cfg.extra_overrides)
+    out["models"] = [list(m) for m in MODELS]
+    return out
+
+
 def stage_plan(cfg: QuickstartConfig, started: float) -> dict:
-    """OUT/plan.json: iterations per model (both the same). Kept when it exists."""
+    """OUT/plan.json: iterations per model (both the same), and the run's identity `id` (data,
+    training settings, iterations) that every later stage's results are stamped with. Kept when
+    it exists for the same data and settings (a re-run does not re-time)."""
     path = Path(cfg.out) / "plan.json"
     plan = _read_json(path)
-    if plan and plan.get("data") == data_params(cfg) and (not cfg.iterations or plan["iterations"] == cfg.iterations):
+    same = plan and plan.get("data") == data_params(cfg) and plan.get("training") == training_settings(cfg)
+    if same and (not cfg.iterations or plan["iterations"] == cfg.iterations):
         _say(f"[2/6] plan: {plan['iterations']} iterations per model (from {path})")
         return plan
     if cfg.iterations > 0:
@@ -284,27 +303,42 @@ def stage_plan(cfg: QuickstartConfig, started: float) -> dict:
     else:
         _say("[2/6] plan: timing a few training steps of each model to fit the budget ...")
         sec = {key: time_training_step(cfg, preset) for key, _, preset in MODELS}
-        budget = cfg.budget_minutes * 60 - (time.perf_counter() - started)
-        # Evaluation, measurement and the report take roughly 15% of the job, 20 s at least.
-        train_budget = max(0.0, 0.85 * budget - 20)
-        per_iter = sum(sec.values()) * 1.1  # logging, checkpoints
+        remaining = cfg.budget_minutes * 60 - (time.perf_counter() - started)
+        # Evaluation, measurement and the report: ~20 s on 2 CPU cores at 128 px; keep 30 s + 10%.
+        train_budget = max(0.0, 0.9 * remaining - 30)
+        # The engine's loop costs a little more than the step timed here (logging, checkpoints,
+        # the lr schedule, steps getting dearer as the masks sharpen and the matching changes).
+        per_iter = sum(sec.values()) * 1.15
         fit = int(train_budget / per_iter) if per_iter > 0 else cfg.max_iterations
         iterations = max(cfg.min_iterations, min(cfg.max_iterations, fit))
         reason = ("the recipe's iterations fit the budget" if fit >= cfg.max_iterations else
                   f"lowered from {cfg.max_iterations} to fit the {cfg.budget_minutes:g}-minute budget")
         plan = {"iterations": iterations, "reason": reason, "seconds_per_iteration": sec,
                 "budget_minutes": cfg.budget_minutes}
-    plan.update(batch_size=cfg.batch_size, data=data_params(cfg))
+    plan.update(batch_size=cfg.batch_size, data=data_params(cfg), training=training_settings(cfg))
+    identity = json.dumps([plan["data"], plan["training"], plan["iterations"]], sort_keys=True)
+    plan["id"] = hashlib.sha256(identity.encode()).hexdigest()[:16]
     _write_json(path, plan)
     _say(f"[2/6] plan: {plan['iterations']} iterations per model, batch {cfg.batch_size} ({plan['reason']})")
     return plan
 
 
-def _finished_iteration(run: Path) -> int | None:
-    """The iteration a completed training stopped at (OUT/runs/<model>/done.json, written after
-    model_final.pt), or None when the run is not complete."""
+RUN_FILES = ("last_checkpoint", "metrics.jsonl", "done.json", "train_time.json", "quickstart_run.json")
+
+
+def _clear_run(run: Path) -> None:
+    """Removes a run's checkpoints and logs (they belong to another plan)."""
+    for p in run.glob("model_*.pt"):
+        p.unlink()
+    for name in RUN_FILES:
+        (run / name).unlink(missing_ok=True)
+
+
+def _finished(run: Path, plan: dict) -> int | None:
+    """The iteration a completed training of this plan stopped at (OUT/runs/<model>/done.json,
+    written after model_final.pt), or None when there is none."""
     stamp = _read_json(run / "done.json")
-    if stamp and (run / "model_final.pt").is_file():
+    if stamp and stamp.get("plan_id") == plan["id"] and (run / "model_final.pt").is_file():
         return int(stamp.get("iteration", -1))
     return None
 
@@ -315,16 +349,15 @@ def stage_train(cfg: QuickstartConfig, plan: dict) -> dict[str, dict]:
     results = {}
     for n, (key, name, preset) in enumerate(MODELS):
         run = run_dir(cfg, key)
-        done = _finished_iteration(run)
+        done = _finished(run, plan)
         if done == plan["iterations"]:
             _say(f"[3/6] train {name}: {run}/model_final.pt at iteration {done}, kept")
             results[key] = {"status": "kept", "iteration": done}
             continue
-        if done is not None:  # finished under another plan: start over
-            for p in run.glob("model_*.pt"):
-                p.unlink()
-            for name_ in ("last_checkpoint", "metrics.jsonl", "done.json", "train_time.json"):
-                (run / name_).unlink(missing_ok=True)
+        owner = _read_json(run / "quickstart_run.json")
+        if run.is_dir() and (owner or {}).get("plan_id") != plan["id"]:
+            _clear_run(run)  # checkpoints of other data or settings: the engine must not resume them
+        _write_json(run / "quickstart_run.json", {"plan_id": plan["id"]})
         _say(f"[3/6] train {name} ({preset}), {plan['iterations']} iterations -> {run}")
         tcfg = train_config(cfg, key, preset, plan["iterations"])
         start = time.perf_counter()
@@ -337,7 +370,8 @@ def stage_train(cfg: QuickstartConfig, plan: dict) -> dict[str, dict]:
         if result["status"] != "completed":
             raise RuntimeError(f"training {name} stopped ({result['status']}) at iteration {result['iteration']}; "
                                f"run the quickstart again to continue")
-        _write_json(run / "done.json", {"iteration": result["iteration"], "seconds": sum(timing)})
+        _write_json(run / "done.json", {"iteration": result["iteration"], "seconds": sum(timing),
+                                        "plan_id": plan["id"]})
         results[key] = {"status": "trained", "iteration": result["iteration"], "seconds": result["seconds"]}
     return results
 
@@ -366,7 +400,7 @@ def stage_eval(cfg: QuickstartConfig, plan: dict) -> dict[str, dict]:
     for key, name, _ in MODELS:
         path = Path(cfg.out) / "eval" / f"{key}.json"
         stored = _read_json(path)
-        if stored and stored.get("iteration") == plan["iterations"]:
+        if stored and stored.get("plan_id") == plan["id"]:
             _say(f"[4/6] evaluate {name}: {path} exists, kept")
             results[key] = stored
             continue
@@ -382,7 +416,8 @@ def stage_eval(cfg: QuickstartConfig, plan: dict) -> dict[str, dict]:
 
             metrics = evaluate(model, batches(), dataset.metadata, ("panoptic", "instance", "semantic"),
                                info["inference"], device=_device(cfg.device))
-        stored = {"iteration": plan["iterations"], "inference": dataclasses.asdict(info["inference"]),
+        stored = {"plan_id": plan["id"], "iteration": plan["iterations"],
+                  "inference": dataclasses.asdict(info["inference"]),
                   "metrics": metrics}
         _write_json(path, stored)
         results[key] = stored
@@ -401,7 +436,9 @@ def stage_measure(cfg: QuickstartConfig, plan: dict) -> dict:
 
     path = Path(cfg.out) / "measure.json"
     stored = _read_json(path)
-    if stored and stored.get("iteration") == plan["iterations"]:
+    settings = {"warmup": cfg.latency_warmup, "repeats": cfg.latency_repeats, "rounds": cfg.latency_rounds,
+                "larger": cfg.latency_large_size, "device": cfg.device, "threads": cfg.threads}
+    if stored and stored.get("plan_id") == plan["id"] and stored.get("settings") == settings:
         _say(f"[5/6] measure: {path} exists, kept")
         return stored
     device = _device(cfg.device)
@@ -435,7 +472,8 @@ def stage_measure(cfg: QuickstartConfig, plan: dict) -> dict:
             results.append({"size": list(size), "flops": flops,
                             "latency_ms": {row: {k: _summary(v) for k, v in per.items()} for row, per in samples.items()}})
             del fns
-    stored = {"iteration": plan["iterations"], "device": _device_name(device), "threads": torch.get_num_threads(),
+    stored = {"plan_id": plan["id"], "settings": settings, "iteration": plan["iterations"],
+              "device": _device_name(device), "threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": _loadavg(),
               **results[0], "larger": results[1:]}
     _write_json(path, stored)
@@ -543,5 +581,6 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(f"report: {result['report_md']}")
     print(f"        {result['report_html']}")
-    print(f"quickstart took {result['seconds'] / 60:.1f} min")
+    took = result["seconds"]
+    print(f"quickstart took {took / 60:.1f} min" if took >= 60 else f"quickstart took {took:.0f} s")
     return 0

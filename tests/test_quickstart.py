@@ -9,25 +9,15 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from proscale.quickstart import MODELS, QuickstartConfig, add_parser, run_quickstart  # noqa: E402
 
 
-@pytest.fixture
-def one_thread():
-    """The test machines have 2 cores shared by several jobs: one thread is much faster there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def toy(out: Path, **kw) -> QuickstartConfig:
     """The smallest run that exercises every stage (seconds, not minutes)."""
-    base = dict(out=str(out), num_train=8, num_val=3, iterations=3, batch_size=2, checkpoint_period=1,
+    base = dict(out=str(out), image_size=64, num_train=8, num_val=3, iterations=3, batch_size=2, checkpoint_period=1,
                 latency_warmup=1, latency_repeats=2, latency_rounds=1, latency_large_size=96, num_overlays=2,
                 progress=False)
     base.update(kw)
@@ -50,11 +40,11 @@ def snapshot(out: Path) -> dict[str, int]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in files}
 
 
-def test_quickstart_end_to_end_and_resume(tmp_path, one_thread, capsys):
+def test_quickstart_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "qs"
     # 1) The first model's training is cut after 2 of 3 iterations (as by a kill): the job stops.
     with pytest.raises(RuntimeError, match="run the quickstart again"):
-        run_quickstart(toy(out, extra_overrides=("stop_after=2",)))
+        run_quickstart(toy(out, stop_after=2))
     first = out / "runs" / MODELS[0][0]
     assert (first / "model_0000002.pt").is_file() and not (first / "model_final.pt").exists()
 
@@ -64,7 +54,8 @@ def test_quickstart_end_to_end_and_resume(tmp_path, one_thread, capsys):
     iterations = [json.loads(line)["iteration"] for line in (first / "metrics.jsonl").read_text().splitlines()
                   if "loss" in json.loads(line)]
     assert iterations == [1, 2, 3]  # continued, not restarted
-    assert json.loads((first / "train_time.json").read_text()).__len__() == 2  # two calls trained it
+    assert len(json.loads((first / "train_time.json").read_text())) == 2  # two calls trained it
+    assert "resumed from" in (first / "log.txt").read_text()
 
     # Report files, plots and overlays.
     md = Path(result["report_md"]).read_text()
@@ -107,6 +98,14 @@ def test_quickstart_end_to_end_and_resume(tmp_path, one_thread, capsys):
     assert all(t["status"] == "kept" for t in again["trained"].values())
     assert again["table"] == result["table"]
     assert "kept" in capsys.readouterr().err
+
+    # 4) Other data: new data, both models retrained from scratch (old checkpoints are not resumed).
+    other = run_quickstart(toy(out, num_train=6))
+    assert all(t["status"] == "trained" for t in other["trained"].values())
+    assert json.loads((out / "data" / ".complete").read_text())["num_train"] == 6
+    lines = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines if "loss" in r] == [1, 2, 3]
+    assert len(json.loads((first / "train_time.json").read_text())) == 1
 
 
 def test_quickstart_cli_options():
