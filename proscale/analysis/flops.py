@@ -53,9 +53,10 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from proscale.models.ms_deform_attn import ms_deform_attn_core
 
 LEAVES = (
     "backbone",
@@ -337,16 +338,7 @@ def reference_msda_forward(self, query: torch.Tensor, reference_points: torch.Te
     weights = self.attention_weights(query).view(B, Nq, M, L * P).softmax(-1).view(B, Nq, M, L, P)
     scale = torch.tensor([[1.0 / w, 1.0 / h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device)
     locations = reference_points[:, :, None, :, None, :] + offsets * scale[None, None, None, :, None, :]
-    grids = 2 * locations - 1
-    values = v.split([h * w for h, w in shapes], dim=1)
-    sampled = []
-    for lvl, (h, w) in enumerate(shapes):
-        value_l = values[lvl].flatten(2).transpose(1, 2).reshape(B * M, D, h, w)
-        grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*M, Nq, P, 2)
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
-    attn = weights.transpose(1, 2).reshape(B * M, 1, Nq, L * P)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * attn).sum(-1)  # (B*M, D, Nq)
-    out = out.view(B, M * D, Nq).transpose(1, 2)
+    out = ms_deform_attn_core(v, shapes, locations, weights)  # the grid_sample form
     return self.output_proj(out)
 
 
