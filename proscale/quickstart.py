@@ -239,7 +239,7 @@ def train_config(cfg: QuickstartConfig, key: str, preset: str, iterations: int):
 
 
 def time_training_step(cfg: QuickstartConfig, preset: str, steps: int = 5, warmup: int = 2) -> float:
-    """Seconds per training iteration of `preset` here: the median of `steps` iterations after
+    """Seconds per training iteration of `preset` here: the fastest of `steps` iterations after
     `warmup`, each loading its batch from disk, with the data, model, loss and optimizer of the
     real run."""
     from proscale.data import build_dataloader
@@ -275,7 +275,10 @@ def time_training_step(cfg: QuickstartConfig, preset: str, steps: int = 5, warmu
             torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    # The fastest step, not the median: a burst of other work on a shared machine during these
+    # few steps once made the plan 20 iterations instead of 800 (useless results); a plan that
+    # overruns the budget a little under sustained load is the lesser harm.
+    return min(times)
 
 
 def training_settings(cfg: QuickstartConfig) -> dict:
