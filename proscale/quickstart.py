@@ -4,24 +4,27 @@
 
 Stages (each one first checks what OUT already holds, so a re-run resumes instead of starting over):
   1. data      OUT/data: the synthetic panoptic set (train + val, fixed seed; COCO panoptic layout),
-               skipped when OUT/data/.complete records the same generation parameters.
+               kept when OUT/data/.complete records the same generation parameters.
   2. plan      OUT/plan.json: iterations per model. Both models get the same iterations, batch, data
-               order and seed. The number is the recipe's (`iterations`) unless the time budget
-               cannot hold it: then a short timing of both models on this machine lowers it.
-               Written once; a re-run keeps it (pass --iterations to choose it yourself).
+               order and seed. The number is the recipe's (`max_iterations`) unless the time budget
+               cannot hold it: then a short timing of both models on this machine lowers it. Kept
+               for the same data and settings (pass --iterations to choose the number yourself).
+               Its `id` (data, settings, iterations) stamps every later result.
   3. train     OUT/runs/<model>: proscale.engine.train (metrics.jsonl, periodic checkpoints,
-               model_final.pt). An interrupted run continues from its newest checkpoint; a finished
-               one (model_final.pt at the planned iteration) is not touched.
+               model_final.pt). An interrupted run continues from its newest checkpoint (the
+               engine's resume); a finished one of this plan is not touched; one of another plan is
+               cleared first.
   4. evaluate  OUT/eval/<model>.json: PQ (things / stuff), mask AP and mIoU on the val split.
   5. measure   OUT/measure.json: GFLOPs per component (proscale.analysis.flops) and latency (median of
                repeated runs, both models interleaved in one process) of the pixel decoder and the
-               whole model.
-  6. report    OUT/report.md, OUT/report.html, OUT/plots/*.png, OUT/overlays/*.png (proscale.report);
-               then the comparison table is printed.
+               whole model, at the training size and a larger one.
+  6. report    OUT/report.md, OUT/report.html, OUT/plots/*.png, OUT/overlays/*.png (proscale.report),
+               kept when its inputs did not change; then the comparison table is printed.
 
-The model presets are `m2f_nano` and `proscale_nano_333` (proscale/presets.py); the training and
-inference settings that make them learn on a CPU in minutes are the fields of `QuickstartConfig`.
-CPU by default; a GPU is used when one is present (`--device`).
+The model presets are `m2f_nano` and `proscale_nano_333` (proscale/presets.py); the data, training
+and inference settings that make them learn on a CPU in minutes are the fields of
+`QuickstartConfig`, each with the reason for its value. CPU by default (threads: see
+`auto_threads`); a GPU is used when one is present (`--device`).
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ class QuickstartConfig:
     budget_minutes: float = 6.5  # the whole job; the plan lowers iterations to fit (see module doc)
     iterations: int = 0  # > 0: exactly this many per model, no timing (overrides the budget)
     device: str = "auto"  # "auto" (a GPU when present), "cpu", "cuda"
-    threads: int = 0  # CPU threads (0 = torch's default: one per core)
+    threads: int = 0  # CPU threads (0 = auto: one per core that other work leaves idle, see auto_threads)
     seed: int = 0
 
     # --- data: generate_synthetic(...) arguments -----------------------------------------
@@ -472,8 +475,8 @@ def stage_measure(cfg: QuickstartConfig, plan: dict) -> dict:
                     for key in models:
                         samples[row][key].extend(_times(fns[key][row], device, cfg.latency_warmup, repeats, time_fn))
                         bar.update(1)
-            results.append({"size": list(size), "flops": flops,
-                            "latency_ms": {row: {k: _summary(v) for k, v in per.items()} for row, per in samples.items()}})
+            latency = {row: {k: _summary(v) for k, v in per.items()} for row, per in samples.items()}
+            results.append({"size": list(size), "flops": flops, "latency_ms": latency})
             del fns
     stored = {"plan_id": plan["id"], "settings": settings, "iteration": plan["iterations"],
               "device": _device_name(device), "threads": torch.get_num_threads(),
@@ -522,14 +525,50 @@ def _device_name(device: torch.device) -> str:
 
 
 # ------------------------------------------------------------------------------- the job
+def auto_threads(device: torch.device) -> int | None:
+    """CPU threads for this run: one per core that other work leaves idle right now (at least 1,
+    at most torch's default); None (torch's default) on a GPU. On an oversubscribed CPU torch's
+    OpenMP threads wait for one another: a training step measured 20x slower with 2 threads on 2
+    cores while another job ran, and 1 thread avoids that."""
+    if device.type != "cpu":
+        return None
+    default = torch.get_num_threads()
+    idle = _idle_cores()
+    if idle is None:
+        return default
+    return max(1, min(default, int(idle + 0.5)))
+
+
+def _idle_cores(seconds: float = 0.5) -> float | None:
+    """Cores idle over the next `seconds` (Linux /proc/stat), else from the 1-minute load average
+    (which lags: it still counts a job that ended a minute ago); None when neither is readable."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return values[3] + (values[4] if len(values) > 4 else 0), sum(values)  # idle + iowait, total
+
+    cores = os.cpu_count() or 1
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+        if total1 > total0:
+            return cores * (idle1 - idle0) / (total1 - total0)
+    except (OSError, ValueError, IndexError):
+        pass
+    load = _loadavg()
+    return None if not load else cores - load[0]
+
+
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     """Runs (or resumes) every stage; returns {"report_md", "report_html", "table", ...}."""
     from proscale import report as report_mod
 
     started = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    threads = cfg.threads if cfg.threads > 0 else auto_threads(_device(cfg.device))
+    if threads:
+        torch.set_num_threads(threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "quickstart_config.json", dataclasses.asdict(cfg))
@@ -568,7 +607,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"time for the whole job; lowers the iterations when needed (default {d.budget_minutes:g})")
     p.add_argument("--iterations", type=int, default=0, help="iterations per model (skips the budget timing)")
     p.add_argument("--device", default=d.device, help="auto (a GPU when present), cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default: one per core that other work leaves idle)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=main)

@@ -44,7 +44,7 @@ GAP_NOTE = (
     "learns slowly and which weigh more at 64-128 px than at COCO's 800 px. The gap shrank with training, input "
     "size and learning rate (96 px: 6.4 PQ after 300 iterations, 3.9 after 600; 128 px, batch 4: 2.7 after 900 "
     "at lr 1e-3, 0.9-1.6 after 700-800 at lr 2e-3 with warm-up, the quickstart's recipe): a run cut short by "
-    "the time budget shows more of it.")
+    "the time budget shows more of it (`--iterations 800` or a larger `--budget-minutes` gives the full recipe).")
 
 # The paper's headline (PROSCALE.md section 5, R50 at 800x1088): pixel decoder ("encoder") -52%,
 # whole model -27%.
@@ -125,7 +125,10 @@ def markdown_table(head: list[str], lines: list[list[str]], align_first_left: bo
 def text_table(head: list[str], lines: list[list[str]]) -> str:
     """Fixed-width table for the terminal."""
     widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
-    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+
+    def fmt(row):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines])
 
 
@@ -134,7 +137,8 @@ def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
     base, ours = rows[0], rows[-1]
     out = []
     for r in rows:
-        out.append((f"{r['name']}: PQ >= {TARGET_PQ:g}", _f(r["PQ"]), None if r["PQ"] is None else r["PQ"] >= TARGET_PQ))
+        met = None if r["PQ"] is None else r["PQ"] >= TARGET_PQ
+        out.append((f"{r['name']}: PQ >= {TARGET_PQ:g}", _f(r["PQ"]), met))
     gap = None if base["PQ"] is None or ours["PQ"] is None else base["PQ"] - ours["PQ"]
     out.append((f"{ours['name']} within {TARGET_PQ_GAP:g} PQ of {base['name']}",
                 "n/a" if gap is None else f"{-gap:+.1f} PQ", None if gap is None else gap <= TARGET_PQ_GAP))
@@ -316,8 +320,8 @@ def write_overlays(cfg, models, out_dir: Path, count: int) -> list[Path]:
         h, w = sample["image"].shape[-2:]
         factor = max(1, int(round(256 / max(h, w))))
         image = _upscale(to_rgb_array(sample["image"]), factor)
-        big = {"image": image, "labels": sample["labels"],
-               "masks": torch.from_numpy(_upscale(sample["masks"].numpy().transpose(1, 2, 0), factor).transpose(2, 0, 1))}
+        masks = _upscale(sample["masks"].numpy().transpose(1, 2, 0), factor).transpose(2, 0, 1)
+        big = {"image": image, "labels": sample["labels"], "masks": torch.from_numpy(np.ascontiguousarray(masks))}
         panels = [_titled(image, "input"), _titled(draw_ground_truth(big, dataset.metadata), "ground truth")]
         for key, name, _ in models:
             p = predictors[key]
@@ -341,8 +345,8 @@ def _model_summary(preset: str) -> str:
 
     c = get_preset(preset)
     e, d = c.encoder, c.decoder
-    enc = (f"plan {tuple(e.plan)}, TRC {'on (' + e.trc_layout + ', T=' + format(e.trc_temperature, 'g') + ')' if e.trc else 'off'}, "
-           f"stride-4 output {'LPE' if e.output == 'lpe' else '3x3 conv'}")
+    trc = f"on ({e.trc_layout}, T={e.trc_temperature:g})" if e.trc else "off"
+    enc = f"plan {tuple(e.plan)}, TRC {trc}, stride-4 output {'LPE' if e.output == 'lpe' else '3x3 conv'}"
     return (f"`{preset}`: backbone {c.backbone.name} (random init), d_model {e.d_model}, {e.n_heads} heads, "
             f"FFN {e.ffn_dim}; {enc}; decoder {d.dec_layers} layers, {d.num_queries} queries")
 
@@ -425,6 +429,7 @@ def write_report(cfg, plan: dict, evals: dict, measure: dict) -> dict:
     inference = (evals.get(keys[0]) or {}).get("inference", {})
     base, ours = rows[0], rows[-1]
     enc_ratio = ours["encoder_gflops"] / base["encoder_gflops"]
+    backbone_share = measure["flops"][keys[0]]["gflops"]["backbone"] / base["total_gflops"]
     tot_ratio = ours["total_gflops"] / base["total_gflops"]
     train_secs = {k: _train_seconds(run_dir(cfg, k)) for k in keys}
     load = measure.get("loadavg_before")
@@ -444,8 +449,8 @@ def write_report(cfg, plan: dict, evals: dict, measure: dict) -> dict:
               f"and the whole model **{tot_ratio:.1%}** ({1 - tot_ratio:.0%} less). The paper reports "
               f"{PAPER['pixel_decoder_ratio']:.0%} and {PAPER['total_ratio']:.0%} for ResNet-50 at 800x1088: the "
               "pixel-decoder ratio is a property of the method (token counts and LPE), the whole-model ratio depends "
-              f"on how much of the model the backbone is (here {measure['flops'][keys[0]]['gflops']['backbone'] / base['total_gflops']:.0%} "
-              "of the baseline's GFLOPs, 33% for R50 at 800x1088).\n")
+              f"on how much of the model the backbone is (here {backbone_share:.0%} of the baseline's GFLOPs, 33% for "
+              "R50 at 800x1088).\n")
     md.append("### Targets\n")
     md.append(markdown_table(["goal", "measured", "met"],
                              [[g, m, {True: "yes", False: "**no**", None: "n/a"}[ok]] for g, m, ok in goals]) + "\n")
@@ -479,7 +484,8 @@ def write_report(cfg, plan: dict, evals: dict, measure: dict) -> dict:
     md.append("## Settings\n")
     settings = [
         f"Data: `proscale.data.generate_synthetic` seed {cfg.seed}, {cfg.num_train} train / {cfg.num_val} val, "
-        f"{cfg.image_size}x{cfg.image_size}, difficulty `{cfg.difficulty}` with {plan['data']['synthetic'] or 'no overrides'}"
+        f"{cfg.image_size}x{cfg.image_size}, difficulty `{cfg.difficulty}` with "
+        f"{plan['data']['synthetic'] or 'no overrides'}"
         + (f" (**not supported by the installed generator, left out: {plan['data']['synthetic_unsupported']}**)"
            if plan["data"].get("synthetic_unsupported") else "")
         + "; 5 thing classes (shapes: circle, square, triangle, star, ring) and 3 stuff classes (sky, water, ground).",

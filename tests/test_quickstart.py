@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -115,3 +116,14 @@ def test_quickstart_cli_options():
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["quickstart", "--out", "x", "--budget-minutes", "3", "--iterations", "7"])
     assert (args.out, args.budget_minutes, args.iterations) == ("x", 3.0, 7) and callable(args.func)
+
+
+def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
+    import proscale.quickstart as qs
+
+    default = torch.get_num_threads()
+    monkeypatch.setattr(qs, "_idle_cores", lambda: 0.2)  # another job holds the CPU
+    assert qs.auto_threads(torch.device("cpu")) == 1
+    monkeypatch.setattr(qs, "_idle_cores", lambda: 64.0)  # idle: torch's default, never more
+    assert qs.auto_threads(torch.device("cpu")) == default
+    assert qs.auto_threads(torch.device("cuda")) is None

@@ -335,6 +335,8 @@ class Trainer:
 
         dataset, self.metadata = build_train_dataset(cfg)
         val_dataset = build_val_dataset(cfg)
+        # Evaluation scores against the val split's own ground truth (paths live in its metadata).
+        self.val_metadata = val_dataset.metadata if val_dataset is not None else None
         mcfg = build_model_config(cfg, self.metadata.num_classes)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = build_maskformer(mcfg).to(self.device)
@@ -554,7 +556,7 @@ class Trainer:
     def evaluate(self, log: "MetricsLog") -> dict:
         from proscale.engine.evaluate import evaluate
 
-        results = evaluate(self.model, self.val_loader, self.metadata, self.eval_tasks, self.cfg.test,
+        results = evaluate(self.model, self.val_loader, self.val_metadata, self.eval_tasks, self.cfg.test,
                            device=self.device, amp_dtype=self.amp_dtype if self.use_amp else None)
         self.model.train()
         log.write({"iteration": self.iteration, "eval": _finite_summary(results)})
