@@ -1,4 +1,5 @@
-"""Dataclass configs for the model. Presets (proscale.presets) fill them in.
+"""Dataclass configs: the model (ModelConfig, filled in by proscale.presets) and a training run
+(TrainConfig: data and augmentation, solver, loss, inference).
 
 A config is plain data: `to_dict` / `from_dict` round-trip it through YAML or a checkpoint,
 and `apply_overrides(cfg, ["encoder.plan=3,3,3", ...])` sets dotted keys from the CLI.
@@ -6,6 +7,7 @@ and `apply_overrides(cfg, ["encoder.plan=3,3,3", ...])` sets dotted keys from th
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -58,67 +60,9 @@ class ModelConfig:
     size_divisibility: int = 32
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(cls: type, data: dict) -> Any:
-    """Builds dataclass `cls` from a (possibly partial) nested dict; unknown keys are an error."""
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise KeyError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
-    kwargs = {}
-    for key, value in data.items():
-        sub = hints[key]
-        if dataclasses.is_dataclass(sub):
-            value = from_dict(sub, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _parse(text: str, current: Any) -> Any:
-    if isinstance(current, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {text!r}")
-    if isinstance(current, tuple):
-        items = [t for t in text.strip("()[] ").split(",") if t.strip()]
-        kind = type(current[0]) if current else float
-        return tuple(kind(t.strip()) for t in items)
-    if isinstance(current, int):
-        return int(text)
-    if isinstance(current, float):
-        return float(text)
-    return text
-
-
-def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """Sets dotted keys in place: ["encoder.plan=3,3,3", "decoder.num_queries=50"]."""
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, text = item.split("=", 1)
-        *path, last = key.strip().split(".")
-        node = cfg
-        for part in path:
-            if not hasattr(node, part):
-                raise KeyError(f"unknown config key {key!r}")
-            node = getattr(node, part)
-        if not dataclasses.is_dataclass(node) or not hasattr(node, last):
-            raise KeyError(f"unknown config key {key!r}")
-        setattr(node, last, _parse(text, getattr(node, last)))
-    return cfg
-
-
 @dataclass
 class SolverConfig:
-    """AdamW, lr schedule and clipping (Mask2Former's COCO recipe, PROSCALE.md section 4)."""
+    """AdamW, lr schedule and clipping (Mask2Former's COCO recipe, docs/method.md, training recipe)."""
 
     lr: float = 1e-4
     weight_decay: float = 0.05
@@ -141,9 +85,27 @@ class SolverConfig:
 
 
 @dataclass
-class DataConfig:
-    """Which data and how it is augmented. The augmentation fields are those of
-    proscale.data.transforms.TransformConfig (build_transforms reads them from here)."""
+class TransformConfig:
+    """Augmentation settings. `build_transforms` also accepts any object with these attributes
+    (missing ones take these defaults), e.g. DataConfig."""
+
+    augmentation: str = "lsj"  # "lsj" (COCO recipe), "resize" (multi-scale short side), "none"
+    image_size: int = 1024  # LSJ target / crop size
+    min_scale: float = 0.1
+    max_scale: float = 2.0
+    min_size_train: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    max_size_train: int = 1333
+    crop_size: int = 0  # "resize" mode: random crop / pad to this size after resizing (0 = none)
+    flip: bool = True
+    min_size_test: int = 800  # 0 keeps test images at their own size
+    max_size_test: int = 1333
+    pad_value: int = 128
+
+
+@dataclass
+class DataConfig(TransformConfig):
+    """Which data, and how it is augmented (the TransformConfig fields, inherited so that the
+    command-line keys stay flat: data.image_size=, data.augmentation=)."""
 
     train: tuple[str, ...] = ()  # data specs, e.g. "coco-panoptic:/data/coco"; several are concatenated
     val: str = ""  # data spec for periodic evaluation ("" = none)
@@ -153,14 +115,134 @@ class DataConfig:
     # A training sample that fails to load (corrupt image, bad annotation record): False stops
     # with its error; True replaces it by the next one that loads and counts it in metrics.jsonl.
     skip_bad_samples: bool = False
-    augmentation: str = "lsj"  # "lsj", "resize" or "none"
-    image_size: int = 1024  # LSJ target / crop size
-    min_scale: float = 0.1
-    max_scale: float = 2.0
-    min_size_train: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
-    max_size_train: int = 1333
-    crop_size: int = 0
-    flip: bool = True
-    min_size_test: int = 800  # 0 keeps test images at their own size
-    max_size_test: int = 1333
-    pad_value: int = 128
+
+
+@dataclass
+class LossConfig:
+    """Loss and matching weights (Mask2Former's COCO recipe, docs/method.md, training recipe)."""
+
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    # Most of the Q queries match nothing; down-weighting "no object" keeps them from
+    # dominating the class loss.
+    no_object_weight: float = 0.1
+    # 12544 = 112 * 112 points: the same for the loss and the matcher.
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    # Supervise every intermediate decoder prediction (aux_outputs) too.
+    deep_supervision: bool = True
+
+
+@dataclass
+class InferenceConfig:
+    """Which tasks to run and their thresholds (Mask2Former's COCO panoptic test settings)."""
+
+    panoptic_on: bool = True
+    instance_on: bool = True
+    # Off by default: (K, H, W) float probabilities per image are large (133 classes on COCO).
+    semantic_on: bool = False
+    # Panoptic: a query takes part only if its class is not "no object" and its class
+    # probability exceeds this.
+    object_mask_threshold: float = 0.8
+    # Panoptic: a query keeps its segment only if at least this fraction of its own mask
+    # (sigmoid >= 0.5) survives the per-pixel argmax over queries.
+    overlap_threshold: float = 0.8
+    # Instance: detections kept per image.
+    test_topk_per_image: int = 100
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved with every checkpoint."""
+
+    preset: str = "proscale_r50_333"
+    model_overrides: tuple[str, ...] = ()  # dotted ModelConfig keys, e.g. "encoder.plan=2,2,2"
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    test: InferenceConfig = field(default_factory=InferenceConfig)  # evaluation tasks and thresholds
+    iterations: int = 368750  # optimizer steps
+    batch_size: int = 16  # global: images per optimizer step over all processes and accumulation
+    eval_period: int = 5000  # 0: evaluate only at the end (when there is validation data)
+    checkpoint_period: int = 5000
+    keep_last: int = 3  # periodic checkpoints kept (0 = all)
+    log_period: int = 20
+    seed: int = 0
+    output_dir: str = "output"
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    max_nonfinite: int = 20  # consecutive skipped (non-finite) steps before the run stops
+    stop_after: int = 0  # stop with a checkpoint after this many iterations (a time-sliced job); 0 = off
+    find_unused_parameters: bool = False  # DDP; needed only when a config leaves parameters unused
+    progress: bool = True  # tqdm progress bar with ETA (rank 0, when stderr is a terminal)
+
+
+# ------------------------------------------------------------------------------ plain data
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Builds dataclass `cls` from a (possibly partial) nested dict; unknown keys are an error."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise KeyError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    kwargs = {}
+    for key, value in data.items():
+        sub = hints[key]
+        if dataclasses.is_dataclass(sub):
+            value = from_dict(sub, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str, kind: type) -> Any:
+    text = text.strip()
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    return kind(text)
+
+
+def _parse(text: str, hint: Any) -> Any:
+    """`text` as the field's declared type: bool, int, float, str, or a tuple of them
+    (`tuple[int, ...]`, `tuple[float, float]`; items comma-separated, brackets optional)."""
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        items = [t for t in text.strip("()[] ").split(",") if t.strip()]
+        kinds = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(kinds) != len(items):
+            raise ValueError(f"expected {len(kinds)} comma-separated values, got {text!r}")
+        return tuple(_parse_scalar(t, k) for t, k in zip(items, kinds))
+    return _parse_scalar(text, hint if hint in (bool, int, float) else str)
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Sets dotted keys in place: ["encoder.plan=3,3,3", "decoder.num_queries=50"]; each value
+    is parsed as its field's declared type. Unknown keys and unparsable values raise."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        *path, last = key.strip().split(".")
+        node = cfg
+        for part in path:
+            if not hasattr(node, part):
+                raise KeyError(f"unknown config key {key!r}")
+            node = getattr(node, part)
+        if not dataclasses.is_dataclass(node) or last not in {f.name for f in dataclasses.fields(node)}:
+            raise KeyError(f"unknown config key {key!r}")
+        try:
+            value = _parse(text, get_type_hints(type(node))[last])
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+        setattr(node, last, value)
+    return cfg

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from proscale.data.metadata import Category, DatasetMetadata
-from proscale.engine.distributed import resolve_device
+from proscale.distributed import resolve_device
 from proscale.models.postprocess import InferenceConfig, postprocess
 
 TASK_KEYS = {"panoptic": "panoptic", "instance": "instances", "semantic": "sem_seg"}

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from proscale.fileio import atomic_write
+
 logger = logging.getLogger("proscale.quickstart")
 
 # (key used for folders and files, display name, preset). The first is the baseline.
@@ -108,10 +110,7 @@ class QuickstartConfig:
 
 # ------------------------------------------------------------------------------------ helpers
 def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1, default=_json_default))
 
 
 def _json_default(x):

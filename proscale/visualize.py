@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from proscale.fileio import atomic_write
+
 VOID_COLOR = (0, 0, 0)
 
 
@@ -142,11 +144,7 @@ def draw_ground_truth(sample: dict, metadata, alpha: float = 0.55) -> np.ndarray
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     """Writes a uint8 image through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -187,11 +185,8 @@ def plot_losses(metrics: str | os.PathLike, out_png: str | os.PathLike, keys: Se
     ax.legend(loc="upper left" if pq else "best")
     ax.set_title(title or Path(metrics).parent.name)
     fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp)
+    out_png = atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png
 
 

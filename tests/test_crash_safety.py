@@ -167,7 +167,8 @@ def test_resume_candidates_order(tmp_path):
     cands, notes = ck.resume_candidates(tmp_path)
     assert cands[0].name == "model_0000003.pt" and "last_checkpoint" in notes[0]
 
-    stale = [tmp_path / ".model_0000004.pt.ab12_x.tmp", tmp_path / ".last_checkpoint.tmp"]
+    stale = [tmp_path / ".model_0000004.pt.ab12_x.tmp", tmp_path / ".last_checkpoint.tmp",
+             tmp_path / ".last_checkpoint.q9z_1.tmp"]
     for p in stale:
         p.write_bytes(b"half")
     (tmp_path / ".notes.tmp").write_text("someone else's")

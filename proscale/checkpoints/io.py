@@ -18,7 +18,6 @@ import importlib
 import json
 import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 from torch import nn
+
+from proscale.fileio import atomic_write
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 PICKLE_SUFFIXES = (".pkl", ".pickle")
@@ -56,15 +57,6 @@ class CorruptCheckpointError(CheckpointError):
 # --------------------------------------------------------------------------------------------
 # Atomic save
 # --------------------------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
 def atomic_save(obj: Any, path: str | os.PathLike, *, fmt: str | None = None) -> Path:
     """Serialises `obj` to `path` atomically; returns the path.
 
@@ -75,41 +67,11 @@ def atomic_save(obj: Any, path: str | os.PathLike, *, fmt: str | None = None) ->
     """
     path = Path(path)
     fmt = fmt or _format_of(path, default="torch")
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    mode = (path.stat().st_mode & 0o777) if path.exists() else (0o666 & ~_UMASK)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if fmt == "torch":
-                torch.save(obj, f)
-            elif fmt == "pickle":
-                pickle.dump(obj, f, protocol=4)
-            elif fmt == "safetensors":
-                f.write(_safetensors_bytes(obj))
-            else:
-                raise ValueError(f"unknown checkpoint format {fmt!r}")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable; not every file system allows opening a folder
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
+    writers = {"torch": lambda f: torch.save(obj, f), "pickle": lambda f: pickle.dump(obj, f, protocol=4),
+               "safetensors": lambda f: f.write(_safetensors_bytes(obj))}
+    if fmt not in writers:
+        raise ValueError(f"unknown checkpoint format {fmt!r}")
+    return atomic_write(path, writers[fmt])
 
 
 def _format_of(path: Path, default: str | None = None) -> str | None:

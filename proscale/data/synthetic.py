@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from proscale.data.metadata import Category
+from proscale.fileio import atomic_write
 
 THING_SHAPES = ("circle", "square", "triangle", "star", "ring")
 SYNTHETIC_CATEGORIES: list[Category] = [
@@ -284,10 +285,7 @@ def _write_split(root: str, split: str, split_code: int, count: int, size: tuple
 
 
 def _dump(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, separators=(",", ":"))
-    os.replace(tmp, path)  # a reader never sees half a file
+    atomic_write(path, json.dumps(data, separators=(",", ":")))
 
 
 def generate_synthetic(out_dir: str, num_train: int, num_val: int,

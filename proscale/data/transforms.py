@@ -11,12 +11,12 @@ crop / pad to 1024x1024. Testing resizes the short side to 800 (long side at mos
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from proscale.config import TransformConfig
 from proscale.data.metadata import IGNORE_LABEL
 
 Sample = dict
@@ -177,24 +177,6 @@ class FixedSizeCrop:
 
     def __repr__(self) -> str:
         return f"FixedSizeCrop(size={self.size}, pad={self.pad}, pad_value={self.pad_value})"
-
-
-@dataclass
-class TransformConfig:
-    """Augmentation settings. `build_transforms` also accepts any object with these attributes
-    (missing ones take these defaults), e.g. the data section of the training config."""
-
-    augmentation: str = "lsj"  # "lsj" (COCO recipe), "resize" (multi-scale short side), "none"
-    image_size: int = 1024  # LSJ target / crop size
-    min_scale: float = 0.1
-    max_scale: float = 2.0
-    min_size_train: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
-    max_size_train: int = 1333
-    crop_size: int = 0  # "resize" mode: random crop / pad to this size after resizing (0 = none)
-    flip: bool = True
-    min_size_test: int = 800  # 0 keeps test images at their own size
-    max_size_test: int = 1333
-    pad_value: int = 128
 
 
 def build_transforms(train: bool, cfg: object | None = None) -> Compose:

@@ -36,12 +36,13 @@ import numpy as np
 import torch
 
 from proscale.checkpoints.io import CorruptCheckpointError
+from proscale.fileio import atomic_write
 
 LAST = "last_checkpoint"
 FINAL = "model_final.pt"
 _PERIODIC = re.compile(r"^model_(\d{7,})\.pt$")
-# Temp files of an interrupted atomic_save / write_last (".model_0000010.pt.k3j2_x.tmp").
-_STALE_TEMP = re.compile(r"^\.(model_(\d{7,}|final)\.pt\.[^/]+|last_checkpoint)\.tmp$")
+# Temp files of an interrupted atomic write (fileio: ".model_0000010.pt.k3j2_x.tmp", ".last_checkpoint.x1.tmp").
+_STALE_TEMP = re.compile(r"^\.(model_(\d{7,}|final)\.pt|last_checkpoint)(\.[^/]+)?\.tmp$")
 # What a training checkpoint must hold for a run to continue from it.
 REQUIRED = {"model": Mapping, "iteration": int, "optimizer": Mapping, "scheduler": Mapping}
 
@@ -82,27 +83,7 @@ def set_rng_state(state: dict) -> None:
 
 def write_last(out_dir: str | os.PathLike, name: str) -> None:
     """Points OUT/last_checkpoint at `name` (atomically and durably: temp file, fsync, rename)."""
-    out = Path(out_dir)
-    tmp = out / f".{LAST}.tmp"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / LAST)
-    _fsync_dir(out)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:  # not every file system allows opening a folder
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(Path(out_dir) / LAST, name + "\n")
 
 
 def read_last(out_dir: str | os.PathLike) -> tuple[str | None, str | None]:

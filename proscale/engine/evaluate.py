@@ -154,7 +154,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from proscale.data import TransformConfig, build_dataloader, build_dataset, build_transforms
-    from proscale.engine import distributed as du
+    from proscale import distributed as du
     from proscale.predictor import load_model
 
     info = du.init_distributed(args.device)

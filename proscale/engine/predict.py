@@ -57,7 +57,8 @@ def write_results(predictor, image, result: dict, out: Path, stem: str, file_nam
     import pycocotools.mask as mask_util
 
     from proscale.evaluation import encode_masks
-    from proscale.evaluation.common import id_to_rgb, write_atomic
+    from proscale.evaluation.common import id_to_rgb
+    from proscale.fileio import atomic_write
     from proscale.visualize import draw_instances, draw_panoptic, draw_semantic
 
     md = predictor.metadata
@@ -65,7 +66,7 @@ def write_results(predictor, image, result: dict, out: Path, stem: str, file_nam
     written = []
 
     def put(name: str, data: bytes) -> None:
-        write_atomic(out / name, data)
+        atomic_write(out / name, data)
         written.append(out / name)
 
     def put_json(name: str, obj: dict) -> None:

@@ -52,47 +52,20 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from proscale.config import DataConfig, ModelConfig, SolverConfig, apply_overrides, from_dict, to_dict
-from proscale.engine import distributed as du
+from proscale.config import ModelConfig, TrainConfig, apply_overrides, from_dict, to_dict
+from proscale import distributed as du
 from proscale.checkpoints.io import CheckpointError, UnsafeCheckpointError, load_checkpoint, safe_load, save_model
 from proscale.engine.checkpointer import (check_training_checkpoint, checkpoint_name, prune, remove_stale_temps,
                                           resume_candidates, rng_state, set_rng_state, write_last)
+from proscale.fileio import atomic_write
 from proscale.engine.optim import build_lr_scheduler, build_optimizer, clip_and_norm
-from proscale.models.criterion import LossConfig
-from proscale.models.postprocess import InferenceConfig
 
 logger = logging.getLogger("proscale.train")
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs; saved with every checkpoint."""
-
-    preset: str = "proscale_r50_333"
-    model_overrides: tuple[str, ...] = ()  # dotted ModelConfig keys, e.g. "encoder.plan=2,2,2"
-    data: DataConfig = field(default_factory=DataConfig)
-    solver: SolverConfig = field(default_factory=SolverConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    test: InferenceConfig = field(default_factory=InferenceConfig)  # evaluation tasks and thresholds
-    iterations: int = 368750  # optimizer steps
-    batch_size: int = 16  # global: images per optimizer step over all processes and accumulation
-    eval_period: int = 5000  # 0: evaluate only at the end (when there is validation data)
-    checkpoint_period: int = 5000
-    keep_last: int = 3  # periodic checkpoints kept (0 = all)
-    log_period: int = 20
-    seed: int = 0
-    output_dir: str = "output"
-    device: str = "auto"  # "auto", "cpu", "cuda"
-    max_nonfinite: int = 20  # consecutive skipped (non-finite) steps before the run stops
-    stop_after: int = 0  # stop with a checkpoint after this many iterations (a time-sliced job); 0 = off
-    find_unused_parameters: bool = False  # DDP; needed only when a config leaves parameters unused
-    progress: bool = True  # tqdm progress bar with ETA (rank 0, when stderr is a terminal)
-
 
 class NonFiniteLossError(FloatingPointError):
     """Raised after `max_nonfinite` consecutive steps with a non-finite loss or gradient, once
@@ -243,9 +216,7 @@ class MetricsLog:
         if enabled and resume_from is not None and path.is_file():
             # Lines written after the checkpoint we resume from belong to a lost future.
             kept = [line for line in path.read_text().splitlines() if _iteration_of(line) <= resume_from]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            atomic_write(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -726,9 +697,7 @@ def _plain(value) -> dict:
 def _write_config(path: Path, cfg: TrainConfig) -> None:
     import yaml
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write(path, yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False))
 
 
 def load_config(path: str) -> TrainConfig:

@@ -1,4 +1,4 @@
-"""What the evaluators share: rank-aware gathering, category tables, panoptic PNG codec.
+"""What the evaluators share: category tables, the panoptic PNG codec, array helpers.
 
 Evaluators accumulate per-image results on each rank and combine them in `evaluate()`.
 These helpers work the same with and without torch.distributed, so a single-process run
@@ -13,51 +13,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
-
-
-# ----------------------------------------------------------------------------- distributed
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    """Returns [obj from rank 0, obj from rank 1, ...] on every rank ([obj] without dist)."""
-    if not is_distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
-    """Like all_gather_object but only `dst` receives the list (None elsewhere): for big payloads."""
-    if not is_distributed():
-        return [obj]
-    rank = dist.get_rank()
-    out: list[Any] | None = [None] * dist.get_world_size() if rank == dst else None
-    dist.gather_object(obj, out, dst=dst)
-    return out
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of `t` over ranks (a new tensor on t's device; `t` itself unchanged)."""
-    if not is_distributed():
-        return t.clone()
-    # NCCL only reduces CUDA tensors; gloo reduces CPU ones.
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    buf = t.detach().to(dev).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.to(t.device)
 
 
 def merge_by_image(per_rank: Iterable[dict]) -> dict:
@@ -132,11 +88,3 @@ def to_numpy(x: Any, dtype: Any = None) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=dtype)
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes bytes through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

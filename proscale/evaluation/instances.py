@@ -19,8 +19,9 @@ import pycocotools.mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from proscale.distributed import all_gather_object
 from proscale.evaluation.common import (
-    all_gather_object, category_table, load_json, merge_by_image, metadata_value, read_panoptic_png, to_numpy,
+    category_table, load_json, merge_by_image, metadata_value, read_panoptic_png, to_numpy,
 )
 
 _STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")

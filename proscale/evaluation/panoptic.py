@@ -30,10 +30,11 @@ from typing import Any, Collection, Iterable, Mapping
 import numpy as np
 from PIL import Image
 
+from proscale.distributed import all_gather_object, gather_object, get_rank
 from proscale.evaluation.common import (
-    all_gather_object, category_table, gather_object, get_rank, id_to_rgb, load_json, merge_by_image,
-    metadata_value, read_panoptic_png, to_numpy, write_atomic,
+    category_table, id_to_rgb, load_json, merge_by_image, metadata_value, read_panoptic_png, to_numpy,
 )
+from proscale.fileio import atomic_write
 
 # gt_id * OFFSET + pred_id is unique for ids < 256^3 (the PNG encoding's range) and fits int64.
 _OFFSET = 256 ** 3
@@ -290,8 +291,8 @@ class PanopticEvaluator:
         annotations = []
         for image_id in sorted(predictions):
             p = dict(predictions[image_id])
-            write_atomic(png_dir / p["file_name"], p.pop("png"))
+            atomic_write(png_dir / p["file_name"], p.pop("png"))
             annotations.append(p)
         cats = [{"id": c["id"], "name": c["name"], "isthing": int(c["isthing"])} for c in self.categories]
         payload = json.dumps({"annotations": annotations, "categories": cats}).encode()
-        write_atomic(self.output_dir / "predictions.json", payload)
+        atomic_write(self.output_dir / "predictions.json", payload)

@@ -14,7 +14,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from proscale.evaluation.common import all_reduce_sum, to_numpy
+from proscale.distributed import all_reduce_tensor
+from proscale.evaluation.common import to_numpy
 
 
 class SemanticEvaluator:
@@ -69,7 +70,7 @@ class SemanticEvaluator:
         """Sums over ranks; returns the same dict on every rank:
         {"mIoU", "fwIoU", "mACC", "pACC", "per_class_IoU": {name: IoU or NaN},
          "per_class_ACC": {name: ACC or NaN}} (percent; NaN = class absent, left out of means)."""
-        conf = all_reduce_sum(torch.from_numpy(self.confusion)).numpy().astype(np.float64)
+        conf = all_reduce_tensor(torch.from_numpy(self.confusion), "sum").numpy().astype(np.float64)
         K = self.num_classes
         tp = np.diag(conf[:, :K])
         pos_gt = conf.sum(1)  # includes misses into the extra column

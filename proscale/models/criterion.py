@@ -14,13 +14,13 @@ right) when `outputs["padded_size"]` is given; `pad_targets` does the same for o
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from proscale.config import LossConfig
+from proscale.distributed import all_reduce_tensor
 from proscale.models.matcher import HungarianMatcher
 from proscale.models.point_sampling import (
     calculate_uncertainty,
@@ -30,24 +30,6 @@ from proscale.models.point_sampling import (
 
 LOSS_NAMES = ("loss_ce", "loss_mask", "loss_dice")
 _AUX_SUFFIX = re.compile(r"_\d+$")
-
-
-@dataclass
-class LossConfig:
-    """Loss and matching weights (Mask2Former's COCO recipe, PROSCALE.md section 4)."""
-
-    class_weight: float = 2.0
-    mask_weight: float = 5.0
-    dice_weight: float = 5.0
-    # Most of the Q queries match nothing; down-weighting "no object" keeps them from
-    # dominating the class loss.
-    no_object_weight: float = 0.1
-    # 12544 = 112 * 112 points: the same for the loss and the matcher.
-    num_points: int = 12544
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
-    # Supervise every intermediate decoder prediction (aux_outputs) too.
-    deep_supervision: bool = True
 
 
 def pad_targets(targets: list[dict], padded_size: tuple[int, int]) -> list[dict]:
@@ -243,10 +225,7 @@ class SetCriterion(nn.Module):
     def _num_masks(targets: list[dict], device: torch.device) -> float:
         """Target masks per rank, averaged over ranks, at least 1 (the loss normaliser)."""
         n = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(n)
-            n = n / dist.get_world_size()
-        return max(n.item(), 1.0)
+        return max(all_reduce_tensor(n, "mean").item(), 1.0)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, cfg={self.cfg}"

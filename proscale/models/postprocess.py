@@ -8,28 +8,10 @@ Output formats follow docs/INTERFACES.md; everything is at the original (height,
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class InferenceConfig:
-    """Which tasks to run and their thresholds (Mask2Former's COCO panoptic test settings)."""
-
-    panoptic_on: bool = True
-    instance_on: bool = True
-    # Off by default: (K, H, W) float probabilities per image are large (133 classes on COCO).
-    semantic_on: bool = False
-    # Panoptic: a query takes part only if its class is not "no object" and its class
-    # probability exceeds this.
-    object_mask_threshold: float = 0.8
-    # Panoptic: a query keeps its segment only if at least this fraction of its own mask
-    # (sigmoid >= 0.5) survives the per-pixel argmax over queries.
-    overlap_threshold: float = 0.8
-    # Instance: detections kept per image.
-    test_topk_per_image: int = 100
+from proscale.config import InferenceConfig
 
 
 def resize_mask_logits(

@@ -1,4 +1,5 @@
-"""torch.distributed for `proscale train` under torchrun: one process per device.
+"""torch.distributed in one place (the bottom floor, like detectron2's utils/comm.py): rank,
+world size, gather / reduce, device choice, and joining the process group under torchrun.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT); without them
 everything here is a no-op and the run is a single process. NCCL on GPUs, gloo on CPUs.
@@ -12,17 +13,42 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-# Rank queries and object gathering are shared with the evaluators (which gather per-image results).
-from proscale.evaluation.common import all_gather_object, get_rank, get_world_size, is_distributed
 
-__all__ = ["DistInfo", "init_distributed", "launched_by_torchrun", "resolve_device", "is_distributed", "get_rank",
-           "get_world_size", "is_main_process", "barrier", "cleanup", "wrap_model", "unwrap", "all_reduce_tensor",
-           "reduce_dict", "all_gather_object", "broadcast_object"]
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Returns [obj from rank 0, obj from rank 1, ...] on every rank ([obj] without dist)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Like all_gather_object but only `dst` receives the list (None elsewhere): for big payloads."""
+    if not is_distributed():
+        return [obj]
+    rank = dist.get_rank()
+    out: list[Any] | None = [None] * dist.get_world_size() if rank == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
 
 
 @dataclass
@@ -99,10 +125,6 @@ def wrap_model(model: nn.Module, info: DistInfo, find_unused_parameters: bool = 
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _comm_device() -> torch.device:
