@@ -64,7 +64,9 @@ class ModelConfig:
 class SolverConfig:
     """AdamW, lr schedule and clipping (Mask2Former's COCO recipe, docs/method.md, training recipe)."""
 
+    optimizer: str = "adamw"  # "adamw" (the recipe) or "sgd" (plain gradient steps, e.g. for tests)
     lr: float = 1e-4
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 0.05
     weight_decay_norm: float = 0.0  # norm layers (BN / GN / LN) are not decayed
     weight_decay_embed: float = 0.0  # nor embeddings (queries, level embeddings, position tables)

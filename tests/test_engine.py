@@ -120,7 +120,7 @@ def test_scheduler_drives_group_lrs_and_default_milestones():
 def test_pixel_decoder_stays_fp32_under_autocast():
     """AMP: the pixel decoder runs in fp32 (autocast off, inputs cast), the rest in low precision.
     (CUDA fp16 is what training uses; bf16 autocast on the CPU exercises the same wrapper.)"""
-    from proscale.engine.train import keep_fp32
+    from proscale.engine.loop import keep_fp32
 
     model = proscale.build_model("m2f_tiny", num_classes=4)
     keep_fp32(model.pixel_decoder)

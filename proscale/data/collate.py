@@ -35,7 +35,7 @@ def collate(batch: list[dict]) -> dict:
     return out
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed from integers (splitmix64 steps), so nearby inputs give unrelated seeds."""
     x = 0
     for v in values:
@@ -87,14 +87,14 @@ class ResumableBatchSampler(Sampler[list]):
 
     def __iter__(self):
         if self.shuffle:
-            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
         positions = self._rank_positions()
         for b in range(self.start_batch, self._num_batches()):
             chunk = positions[b * self.batch_size:(b + 1) * self.batch_size]
-            yield [(order[p % self.size], _mix(self.seed, self.epoch, p)) for p in chunk]
+            yield [(order[p % self.size], mix_seed(self.seed, self.epoch, p)) for p in chunk]
 
 
 class SeededDataset(Dataset):

@@ -26,17 +26,27 @@ checkpoints, with a warning for each (see Trainer.resume for what it refuses out
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
 
-from proscale.checkpoints.io import CorruptCheckpointError
+from proscale import distributed as du
+from proscale.checkpoints.io import (CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, load_checkpoint,
+                                     safe_load, save_model)
+from proscale.config import to_dict
 from proscale.fileio import atomic_write
+
+if TYPE_CHECKING:
+    from proscale.engine.loop import Trainer
+
+logger = logging.getLogger("proscale.train")
 
 LAST = "last_checkpoint"
 FINAL = "model_final.pt"
@@ -199,3 +209,165 @@ def prune(out_dir: str | os.PathLike, keep_last: int) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+# ------------------------------------------------------------------------------ save
+def metadata_dict(metadata) -> dict:
+    """Categories as plain data (stored in checkpoints; a Predictor rebuilds names and colours)."""
+    return {"name": metadata.name,
+            "categories": [{"id": c.id, "name": c.name, "isthing": bool(c.isthing), "color": list(c.color)}
+                           for c in metadata.categories]}
+
+
+def plain(value) -> Any:
+    """A config as JSON-able plain data (tuples become lists): for checkpoints and config.yaml."""
+    return json.loads(json.dumps(value))
+
+
+def save_training_checkpoint(trainer: "Trainer", name: str | None = None) -> Path:
+    """Writes OUT/<name or model_XXXXXXX.pt> with the whole training state (rank 0), points
+    last_checkpoint at it and prunes old ones. Every rank must call it: RNG states are gathered."""
+    rngs = du.all_gather_object(rng_state())
+    path = trainer.out / (name or checkpoint_name(trainer.iteration))
+    if trainer.info.is_main:
+        W, A = trainer.info.world_size, trainer.cfg.solver.accumulate
+        extra = {"iteration": trainer.iteration, "optimizer": trainer.optimizer.state_dict(),
+                 "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(), "rng": rngs,
+                 "data": {"batches_per_rank": trainer.iteration * A, "micro_batch": trainer.micro, "world_size": W,
+                          "accumulate": A},
+                 "metadata": metadata_dict(trainer.metadata), "train_config": plain(to_dict(trainer.cfg))}
+        save_model(trainer.model, path, extra=extra)
+        write_last(trainer.out, path.name)
+        prune(trainer.out, trainer.cfg.keep_last)
+    du.barrier()
+    return path
+
+
+# ------------------------------------------------------------------------------ resume
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An error's first sentence or so (torch's load errors run to a paragraph of advice)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if len(text) > limit:
+        cut = text.find(". ", 60)
+        text = text[:cut + 1] if 0 < cut < limit else text[:limit] + " ..."
+    return text
+
+
+def resume(trainer: "Trainer") -> Path | None:
+    """Continues `trainer` from the newest good checkpoint in its output folder; returns its path
+    (None: no checkpoint at all, a fresh start).
+
+    Rank 0 walks `resume_candidates` (last_checkpoint, or a complete newer file a crash left it
+    behind, then the older ones) past every file that is missing, truncated or otherwise
+    unreadable, or not a training checkpoint, logging a warning that names the file and the
+    problem; the other ranks load the file it chose. It refuses (CheckpointError), as detectron2
+    and Lightning do for a checkpoint they cannot load, rather than starting over when
+      - checkpoint files exist but none of them can be read: starting afresh would overwrite
+        and prune them (move them away, or use another output folder, to start over);
+      - a checkpoint asks to run code (UnsafeCheckpointError): nothing of it ran;
+      - a readable checkpoint does not fit the model or optimizer (another preset or overrides
+        than the run had): an older one would not fit either.
+    With no checkpoint at all it starts from scratch with a log line (detectron2's
+    resume_or_load, Lightning's ckpt_path="last", Megatron and torchtitan do the same).
+    """
+    out, main = trainer.out, trainer.info.is_main
+    chosen, error = None, None
+    if main:
+        for p in remove_stale_temps(out):
+            logger.info("removed %s, the temp file of a checkpoint write that was interrupted", p)
+        try:
+            chosen = _resume_on_main(trainer)
+        except CheckpointError as e:
+            error = e
+    decision = du.broadcast_object({"name": chosen.name if chosen else None, "error": str(error) if error else None})
+    if error is not None:
+        raise error
+    if decision["error"]:
+        raise CheckpointError(decision["error"])
+    if decision["name"] is None:
+        return None
+    if not main:
+        chosen = out / decision["name"]
+        ckpt = safe_load(chosen)
+        check_training_checkpoint(ckpt, chosen)
+        load_training_state(trainer, ckpt, chosen)
+    trainer.resumed_from = chosen
+    if main:
+        logger.info("resumed from %s at iteration %d", chosen, trainer.iteration)
+    return chosen
+
+
+def _resume_on_main(trainer: "Trainer") -> Path | None:
+    """The first good resume candidate, its state loaded into the trainer; None when the folder
+    holds no checkpoint. See `resume`."""
+    out = trainer.out
+    candidates, notes = resume_candidates(out)
+    for note in notes:
+        logger.warning("--resume: %s; looking for the newest checkpoint kept instead", note)
+    if not candidates:
+        logger.info("--resume: no checkpoint in %s, starting from scratch", out)
+        return None
+    problems = []
+    for path in candidates:
+        try:
+            ckpt = safe_load(path)
+            check_training_checkpoint(ckpt, path)
+        except UnsafeCheckpointError:
+            raise
+        except (CheckpointError, OSError) as e:  # corrupt, truncated, gone since listed, unreadable
+            problem = first_line(e)
+            if problem.startswith(f"{path}: "):
+                problem = problem[len(f"{path}: "):]
+            problems.append(f"{path}: {problem}")
+            later = "trying the next newest one" if path != candidates[-1] else "no older checkpoint left"
+            logger.warning("--resume: cannot continue from %s: %s; %s", path, problem, later)
+            continue
+        load_training_state(trainer, ckpt, path)
+        if problems:
+            logger.warning("--resume: fell back to %s (iteration %d) past %d unusable checkpoint(s)", path,
+                           trainer.iteration, len(problems))
+        return path
+    raise CheckpointError(
+        f"--resume: none of the {len(candidates)} checkpoints in {out} can be resumed from:\n"
+        + "\n".join(f"  {p}" for p in problems)
+        + "\nRefusing to start from scratch over them: move them away or choose another output folder "
+          "to start over (or fix last_checkpoint to name a good file).")
+
+
+def load_training_state(trainer: "Trainer", ckpt: dict, path: Path) -> None:
+    """Model, optimizer, schedule, scaler, RNG and data position from a checked checkpoint.
+    A checkpoint that does not fit raises CheckpointError naming it."""
+    optimizer, scheduler = trainer.optimizer, trainer.scheduler
+    try:
+        load_checkpoint(trainer.model, ckpt, strict=True, source="proscale")
+        # Optimizer state (moments, step counts) from the checkpoint; hyper-parameters and the
+        # schedule from the current config, so a resumed run may change them (e.g. more iterations).
+        hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (CheckpointError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} does not fit this run's model / optimizer (another preset or model "
+                              f"overrides?): {e}") from None
+    for group, h in zip(optimizer.param_groups, hparams):
+        group.update(h)
+    sched = {k: v for k, v in ckpt["scheduler"].items() if k not in ("base_lrs", "_last_lr")}
+    scheduler.load_state_dict({**sched, "lr_lambdas": [None] * len(optimizer.param_groups)})
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
+    if ckpt.get("scaler") and trainer.scaler.is_enabled():
+        trainer.scaler.load_state_dict(ckpt["scaler"])
+    info = trainer.info
+    rngs = ckpt.get("rng") or []
+    if len(rngs) == info.world_size:
+        set_rng_state(rngs[info.rank])
+    trainer.iteration = int(ckpt["iteration"])
+    W, A = info.world_size, trainer.cfg.solver.accumulate
+    data = ckpt.get("data") or {}
+    if (data.get("micro_batch"), data.get("world_size"), data.get("accumulate")) == (trainer.micro, W, A):
+        trainer.consumed = int(data["batches_per_rank"])
+    else:
+        # Another batch layout: continue after as many images as were seen, as near as batches allow.
+        trainer.consumed = trainer.iteration * A
+        if info.is_main:
+            logger.warning("%s was written with another batch layout: the data order continues approximately, "
+                           "not exactly", path)

@@ -1,6 +1,6 @@
 """Optimizer, learning-rate schedules and gradient clipping (Mask2Former's recipe).
 
-AdamW with four parameter groups: {backbone, rest} x {decayed, not decayed}. The backbone
+AdamW (SGD as an option) with four parameter groups: {backbone, rest} x {decayed, not decayed}. The backbone
 trains at `lr * backbone_multiplier` (0.1); normalisation layers and embeddings (nn.Embedding,
 `level_embed`, `query_feat`, `query_embed`, Swin's position tables) get no weight decay.
 Biases are decayed, as in Mask2Former.
@@ -65,17 +65,23 @@ def param_groups(model: nn.Module, cfg: SolverConfig) -> list[dict]:
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, cfg)`. The groups keep their "name" / "names" keys.
-    Build it after moving the model to its device: the fused implementation (one kernel for all
-    parameters; 6x faster than the per-tensor loop for the tiny CPU model) is used where the
-    installed torch has it for that device."""
+def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.Optimizer:
+    """AdamW (or SGD, `cfg.optimizer="sgd"`) over `param_groups(model, cfg)`. The groups keep
+    their "name" / "names" keys. Build it after moving the model to its device: the fused
+    implementation (one kernel for all parameters; 6x faster than the per-tensor loop for the tiny
+    CPU model) is used where the installed torch has it for that device."""
     groups = param_groups(model, cfg)
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        cls, kwargs = torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        cls, kwargs = torch.optim.AdamW, dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                               weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}: expected 'adamw' or 'sgd'")
     try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
+        return cls(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device / dtype / torch
-        return torch.optim.AdamW(groups, **kwargs)
+        return cls(groups, **kwargs)
 
 
 class LRSchedule:
