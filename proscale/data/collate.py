@@ -35,8 +35,15 @@ def collate(batch: list[dict]) -> dict:
     return out
 
 
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (splitmix64 steps), so nearby inputs give unrelated seeds."""
+def mix_seed(*values: int) -> int:
+    """A seed in [0, 2^63) from any number of integers, e.g. (seed, epoch, position).
+
+    Each value is folded in with one splitmix64 step (xor, add the golden-ratio constant, then
+    the finaliser's multiply-xorshift mix), so nearby inputs such as consecutive positions give
+    unrelated seeds. Values are taken modulo 2^64 (negative ones wrap); the result is shifted to
+    63 bits so it fits a signed int64. Deterministic across processes and platforms (unlike
+    hash() of a str).
+    """
     x = 0
     for v in values:
         x = (x ^ (v & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
@@ -87,14 +94,14 @@ class ResumableBatchSampler(Sampler[list]):
 
     def __iter__(self):
         if self.shuffle:
-            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
         positions = self._rank_positions()
         for b in range(self.start_batch, self._num_batches()):
             chunk = positions[b * self.batch_size:(b + 1) * self.batch_size]
-            yield [(order[p % self.size], _mix(self.seed, self.epoch, p)) for p in chunk]
+            yield [(order[p % self.size], mix_seed(self.seed, self.epoch, p)) for p in chunk]
 
 
 class SeededDataset(Dataset):
