@@ -6,18 +6,21 @@
 """
 from __future__ import annotations
 
+import copy
+
 from proscale.config import ModelConfig, apply_overrides
-from proscale.presets import PRESETS, get_preset
+from proscale.presets import PRESETS, get_preset, list_presets
 
 __version__ = "0.1.0"
 
 
 def build_model(preset: str | ModelConfig = "proscale_r50_333", num_classes: int | None = None,
                 overrides: list[str] | None = None):
-    """Builds a MaskFormer from a preset name or a ModelConfig (random weights)."""
+    """Builds a MaskFormer from a preset name (see `list_presets`) or a ModelConfig (random
+    weights). A ModelConfig passed in is left as it is: num_classes and overrides go to a copy."""
     from proscale.models.maskformer import build_maskformer
 
-    cfg = get_preset(preset) if isinstance(preset, str) else preset
+    cfg = get_preset(preset) if isinstance(preset, str) else copy.deepcopy(preset)
     if num_classes is not None:
         cfg.num_classes = num_classes
     if overrides:
@@ -38,4 +41,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'proscale' has no attribute {name!r}")
 
 
-__all__ = ["build_model", "get_preset", "PRESETS", "ModelConfig", "Predictor", "load_checkpoint", "__version__"]
+__all__ = ["build_model", "list_presets", "get_preset", "PRESETS", "ModelConfig", "Predictor", "load_checkpoint", "__version__"]
