@@ -1,5 +1,6 @@
 """proscale: Mask2Former with the PRO-SCALE encoder (progressive token length scaling).
 
+    proscale.list_presets("proscale_*")                                 # registered model names
     model = proscale.build_model("proscale_r50_333", num_classes=133)
     report = proscale.load_checkpoint(model, "model_final.pt")       # ours, detectron2 or HF names
     results = proscale.Predictor("model_final.pt").predict("image.jpg")
@@ -41,4 +42,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'proscale' has no attribute {name!r}")
 
 
-__all__ = ["build_model", "list_presets", "get_preset", "PRESETS", "ModelConfig", "Predictor", "load_checkpoint", "__version__"]
+__all__ = ["build_model", "load_checkpoint", "Predictor", "list_presets", "get_preset", "PRESETS", "ModelConfig",
+           "__version__"]
