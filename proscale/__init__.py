@@ -1,6 +1,6 @@
 """proscale: Mask2Former with the PRO-SCALE encoder (progressive token length scaling).
 
-    proscale.list_presets("proscale_*")                                 # registered model names
+    proscale.list_presets("proscale_*")                              # registered model names
     model = proscale.build_model("proscale_r50_333", num_classes=133)
     report = proscale.load_checkpoint(model, "model_final.pt")       # ours, detectron2 or HF names
     results = proscale.Predictor("model_final.pt").predict("image.jpg")
