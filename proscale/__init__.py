@@ -1,23 +1,27 @@
 """proscale: Mask2Former with the PRO-SCALE encoder (progressive token length scaling).
 
+    proscale.list_presets("proscale_*")                              # registered model names
     model = proscale.build_model("proscale_r50_333", num_classes=133)
     report = proscale.load_checkpoint(model, "model_final.pt")       # ours, detectron2 or HF names
     results = proscale.Predictor("model_final.pt").predict("image.jpg")
 """
 from __future__ import annotations
 
+import copy
+
 from proscale.config import ModelConfig, apply_overrides
-from proscale.presets import PRESETS, get_preset
+from proscale.presets import PRESETS, get_preset, list_presets
 
 __version__ = "0.1.0"
 
 
 def build_model(preset: str | ModelConfig = "proscale_r50_333", num_classes: int | None = None,
                 overrides: list[str] | None = None):
-    """Builds a MaskFormer from a preset name or a ModelConfig (random weights)."""
+    """Builds a MaskFormer from a preset name (see `list_presets`) or a ModelConfig (random
+    weights). A ModelConfig passed in is left as it is: num_classes and overrides go to a copy."""
     from proscale.models.maskformer import build_maskformer
 
-    cfg = get_preset(preset) if isinstance(preset, str) else preset
+    cfg = get_preset(preset) if isinstance(preset, str) else copy.deepcopy(preset)
     if num_classes is not None:
         cfg.num_classes = num_classes
     if overrides:
@@ -38,4 +42,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'proscale' has no attribute {name!r}")
 
 
-__all__ = ["build_model", "get_preset", "PRESETS", "ModelConfig", "Predictor", "load_checkpoint", "__version__"]
+__all__ = ["build_model", "load_checkpoint", "Predictor", "list_presets", "get_preset", "PRESETS", "ModelConfig",
+           "__version__"]

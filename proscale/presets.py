@@ -1,19 +1,54 @@
-"""Named model configs. A preset is a function returning a ModelConfig; `get_preset(name)` looks it up.
+"""Named model configs, registered as builders (in the spirit of timm's model registry).
+
+A preset is a function returning a fresh ModelConfig, registered under its own name:
+
+    @register_preset
+    def m2f_r50() -> ModelConfig: ...
+
+    list_presets("proscale_r50_*")   # ['proscale_r50_111', 'proscale_r50_222', 'proscale_r50_333']
+    cfg = get_preset("m2f_r50")      # a new ModelConfig on every call; the caller may change it
 
 Mask2Former and PRO-SCALE differ only in `encoder`: the layer plan, TRC and the output block.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import fnmatch
 from typing import Callable
 
 from proscale.config import BackboneConfig, DecoderConfig, EncoderConfig, ModelConfig
 
-PRESETS: dict[str, Callable[[], ModelConfig]] = {}
+PresetBuilder = Callable[[], ModelConfig]
+
+# name -> builder. Filled only by `register_preset`, below in this file.
+PRESETS: dict[str, PresetBuilder] = {}
 
 
-def register(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
-    PRESETS[fn.__name__] = fn
+def register_preset(fn: PresetBuilder) -> PresetBuilder:
+    """Registers `fn` under `fn.__name__`; a name already taken is a ValueError (a silent
+    replacement would change what an existing preset name builds)."""
+    name = fn.__name__
+    if name in PRESETS:
+        raise ValueError(f"preset {name!r} is already registered")
+    PRESETS[name] = fn
     return fn
+
+
+def list_presets(filter: str = "") -> list[str]:  # noqa: A002 - the name timm's list_models uses
+    """Registered preset names matching the fnmatch pattern `filter` ("" = all), sorted."""
+    names = sorted(PRESETS)
+    return fnmatch.filter(names, filter) if filter else names
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A new ModelConfig built by preset `name`; an unknown name is a KeyError naming the
+    closest registered ones."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(list_presets())}"
+        raise KeyError(f"unknown preset {name!r}; {hint}")
+    return PRESETS[name]()
 
 
 def proscale_encoder(plan: tuple[int, int, int], layout: str = "official", **kw) -> EncoderConfig:
@@ -30,67 +65,72 @@ def _swin_t(encoder: EncoderConfig) -> ModelConfig:
     return ModelConfig(backbone=BackboneConfig("swin_tiny_patch4_window7_224", drop_path_rate=0.3), encoder=encoder)
 
 
-@register
+@register_preset
 def m2f_r50() -> ModelConfig:
     """Mask2Former R50, COCO panoptic (133 classes)."""
     return _r50(EncoderConfig())
 
 
-@register
+@register_preset
 def proscale_r50_111() -> ModelConfig:
+    """PRO-SCALE (1,1,1) R50."""
     return _r50(proscale_encoder((1, 1, 1)))
 
 
-@register
+@register_preset
 def proscale_r50_222() -> ModelConfig:
+    """PRO-SCALE (2,2,2) R50."""
     return _r50(proscale_encoder((2, 2, 2)))
 
 
-@register
+@register_preset
 def proscale_r50_333() -> ModelConfig:
     """PRO-SCALE (3,3,3) R50, the released configuration."""
     return _r50(proscale_encoder((3, 3, 3)))
 
 
-@register
+@register_preset
 def m2f_swin_t() -> ModelConfig:
+    """Mask2Former Swin-T, COCO panoptic (133 classes)."""
     return _swin_t(EncoderConfig())
 
 
-@register
+@register_preset
 def proscale_swin_t_111() -> ModelConfig:
+    """PRO-SCALE (1,1,1) Swin-T."""
     return _swin_t(proscale_encoder((1, 1, 1)))
 
 
-@register
+@register_preset
 def proscale_swin_t_222() -> ModelConfig:
+    """PRO-SCALE (2,2,2) Swin-T."""
     return _swin_t(proscale_encoder((2, 2, 2)))
 
 
-@register
+@register_preset
 def proscale_swin_t_333() -> ModelConfig:
+    """PRO-SCALE (3,3,3) Swin-T."""
     return _swin_t(proscale_encoder((3, 3, 3)))
 
 
 def _tiny(encoder: EncoderConfig) -> ModelConfig:
-    """A small model that trains on the built-in synthetic data on a CPU in minutes."""
-    enc = encoder
-    enc.d_model, enc.n_heads, enc.ffn_dim = 64, 4, 256
+    """A small model that trains on the built-in synthetic data on a CPU in minutes.
+    `encoder` is left as it is: its width is set on a copy."""
     return ModelConfig(
         num_classes=8,
         backbone=BackboneConfig("resnet18"),
-        encoder=enc,
+        encoder=dataclasses.replace(encoder, d_model=64, n_heads=4, ffn_dim=256),
         decoder=DecoderConfig(num_queries=20, hidden_dim=64, nheads=4, dim_feedforward=256, dec_layers=3, mask_dim=64),
     )
 
 
-@register
+@register_preset
 def m2f_tiny() -> ModelConfig:
     """CPU preset: ResNet-18, 64 channels, 20 queries, 3 decoder layers; baseline encoder."""
     return _tiny(EncoderConfig())
 
 
-@register
+@register_preset
 def proscale_tiny_333() -> ModelConfig:
     """CPU preset: as m2f_tiny with the PRO-SCALE (3,3,3) encoder (spatial TRC layout)."""
     return _tiny(proscale_encoder((3, 3, 3), layout="spatial"))
@@ -101,24 +141,16 @@ def _nano(encoder: EncoderConfig) -> ModelConfig:
     from-scratch ResNet-18 costs 8x the GFLOPs and ~2x the CPU time per step, and at 64-128 px
     inputs it would be ~75% of the whole model's GFLOPs, hiding the pixel decoder the comparison
     is about. `proscale quickstart` trains these."""
-    cfg = _tiny(encoder)
-    cfg.backbone = BackboneConfig("regnetx_002")
-    return cfg
+    return dataclasses.replace(_tiny(encoder), backbone=BackboneConfig("regnetx_002"))
 
 
-@register
+@register_preset
 def m2f_nano() -> ModelConfig:
     """CPU preset: as m2f_tiny on a RegNetX-200MF backbone; baseline encoder."""
     return _nano(EncoderConfig())
 
 
-@register
+@register_preset
 def proscale_nano_333() -> ModelConfig:
     """CPU preset: as m2f_nano with the PRO-SCALE (3,3,3) encoder (spatial TRC layout)."""
     return _nano(proscale_encoder((3, 3, 3), layout="spatial"))
-
-
-def get_preset(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]()

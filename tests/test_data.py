@@ -16,7 +16,7 @@ from proscale.data import (SYNTHETIC_CATEGORIES, AnnotationError, CocoInstancesD
                            MissingFileError, RandomFlip, ResizeShortestEdge,
                            ResumableBatchSampler, ScaleJitter, SemanticDataset, TransformConfig,
                            build_dataloader, build_dataset, build_transforms, collate,
-                           Category, DatasetMetadata, generate_synthetic, read_sem_seg,
+                           Category, DatasetMetadata, generate_synthetic, mix_seed, read_sem_seg,
                            set_epoch)
 from proscale.data.transforms import Compose
 
@@ -493,6 +493,27 @@ def test_dataloader_deterministic_and_resumable(synth):
     assert a.dataset.metadata is ds.metadata
     # a worker process draws the same augmentations as the main process
     assert epoch(build_dataloader(ds, batch_size=2, train=True, num_workers=1, seed=5), 0) == e0
+
+
+def test_mix_seed_values_are_pinned():
+    # Every shuffle and augmentation seed comes from mix_seed, so these exact values are what
+    # makes a resumed run replay the batches it was saved with: they must never change.
+    cases = {(): 0, (0,): 8147104208329303767, (0, 0): 6017775124710473527,
+             (1, 2, 3): 7510213797696614745, (0, 0, 5): 4088386893299428346,
+             (-1,): 8245168133484221968, (2**64 + 7, 3): 3879072848308665546}
+    assert {values: mix_seed(*values) for values in cases} == cases
+    assert mix_seed(2**64 + 7) == mix_seed(7) and mix_seed(-1) == mix_seed(2**64 - 1)  # mod 2^64
+    seeds = [mix_seed(5, 0, p) for p in range(1000)]
+    assert len(set(seeds)) == 1000 and all(0 <= s < 2**63 for s in seeds)
+    assert mix_seed(1, 2) != mix_seed(2, 1)  # order matters: (seed, epoch) differs from (epoch, seed)
+
+
+def test_sampler_seeds_come_from_mix_seed():
+    sampler = ResumableBatchSampler(5, 2, shuffle=True, seed=3, drop_last=True)
+    sampler.set_epoch(4)
+    order = torch.randperm(5, generator=torch.Generator().manual_seed(mix_seed(3, 4))).tolist()
+    assert list(sampler) == [[(order[p], mix_seed(3, 4, p)) for p in (0, 1)],
+                             [(order[p], mix_seed(3, 4, p)) for p in (2, 3)]]
 
 
 def test_sampler_shards_ranks():

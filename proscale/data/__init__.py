@@ -2,7 +2,8 @@
 from proscale.data.build import build_dataset, parse_spec
 from proscale.data.coco_instances import CocoInstancesDataset, decode_segmentation
 from proscale.data.coco_panoptic import CocoPanopticDataset
-from proscale.data.collate import ResumableBatchSampler, build_dataloader, collate, set_epoch
+from proscale.data.collate import (ResumableBatchSampler, build_dataloader, collate, mix_seed,
+                                   set_epoch)
 from proscale.data.errors import (KINDS, AnnotationError, DataError, ImageError,
                                   MissingFileError, Problem)
 from proscale.data.metadata import IGNORE_LABEL, Category, DatasetMetadata, palette
@@ -14,10 +15,10 @@ from proscale.data.validate import SkipBadSamples, ValidationReport, validate_da
 
 __all__ = [
     "build_dataset", "parse_spec", "CocoInstancesDataset", "decode_segmentation",
-    "CocoPanopticDataset", "ResumableBatchSampler", "build_dataloader", "collate", "set_epoch",
-    "AnnotationError", "DataError", "ImageError", "MissingFileError", "IGNORE_LABEL", "Category",
-    "DatasetMetadata", "palette", "SemanticDataset", "read_sem_seg", "SYNTHETIC_CATEGORIES",
-    "SyntheticParams", "generate_synthetic", "FixedSizeCrop", "RandomFlip", "ResizeShortestEdge",
-    "ScaleJitter", "TransformConfig", "build_transforms", "KINDS", "Problem", "SkipBadSamples",
-    "ValidationReport", "validate_dataset",
+    "CocoPanopticDataset", "ResumableBatchSampler", "build_dataloader", "collate", "mix_seed",
+    "set_epoch", "AnnotationError", "DataError", "ImageError", "MissingFileError", "IGNORE_LABEL",
+    "Category", "DatasetMetadata", "palette", "SemanticDataset", "read_sem_seg",
+    "SYNTHETIC_CATEGORIES", "SyntheticParams", "generate_synthetic", "FixedSizeCrop", "RandomFlip",
+    "ResizeShortestEdge", "ScaleJitter", "TransformConfig", "build_transforms", "KINDS", "Problem",
+    "SkipBadSamples", "ValidationReport", "validate_dataset",
 ]

@@ -36,7 +36,14 @@ def collate(batch: list[dict]) -> dict:
 
 
 def mix_seed(*values: int) -> int:
-    """A 63-bit seed from integers (splitmix64 steps), so nearby inputs give unrelated seeds."""
+    """A seed in [0, 2^63) from any number of integers, e.g. (seed, epoch, position).
+
+    Each value is folded in with one splitmix64 step (xor, add the golden-ratio constant, then
+    the finaliser's multiply-xorshift mix), so nearby inputs such as consecutive positions give
+    unrelated seeds. Values are taken modulo 2^64 (negative ones wrap); the result is shifted to
+    63 bits so it fits a signed int64. Deterministic across processes and platforms (unlike
+    hash() of a str).
+    """
     x = 0
     for v in values:
         x = (x ^ (v & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64

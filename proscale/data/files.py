@@ -60,15 +60,6 @@ def load_json(path: str, what: str = "annotation file") -> dict:
     return data
 
 
-def require_keys(data: dict, keys: tuple[str, ...], path: str, what: str = "file", **ids) -> None:
-    if not isinstance(data, dict):
-        raise AnnotationError(path, f"{what} must be a JSON object, got {type(data).__name__}",
-                              **ids)
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise AnnotationError(path, f"{what} lacks key(s) {missing}", **ids)
-
-
 def _open(path: str, what: str, missing_kind: str, corrupt_kind: str, **ids) -> Image.Image:
     """A fully decoded PIL image; anything Pillow raises becomes an ImageError."""
     require_file(path, what, kind=missing_kind, **ids)
@@ -195,11 +186,6 @@ def decode_label_png(path: str, **ids) -> tuple[np.ndarray, list[Problem]]:
                      kind="corrupt_png", **ids)
 
 
-def read_label_png(path: str, **ids) -> np.ndarray:
-    """uint8 (H, W) raw label values from a single-channel (L or P) PNG."""
-    return decode_label_png(path, **ids)[0]
-
-
 def size_problem(path: str, shape: tuple[int, ...], expected: tuple[int, int], what: str,
                  reference: str = "the image's", **ids) -> Problem | None:
     """A size_mismatch Problem when shape[:2] (H, W) differs from `expected`."""
@@ -207,14 +193,6 @@ def size_problem(path: str, shape: tuple[int, ...], expected: tuple[int, int], w
         return None
     return Problem.make("size_mismatch", path, f"{what} is {shape[0]}x{shape[1]} (HxW) but "
                         f"{reference} size is {expected[0]}x{expected[1]}", **ids)
-
-
-def check_size(path: str, shape: tuple[int, ...], expected: tuple[int, int], what: str,
-               reference: str = "the image's", **ids) -> None:
-    """Raises ImageError when shape[:2] (H, W) differs from `expected`."""
-    p = size_problem(path, shape, expected, what, reference, **ids)
-    if p is not None:
-        raise p.to_error()
 
 
 MIN_SIDE = 32  # the network's largest stride: smaller images are all padding at res5

@@ -1,8 +1,6 @@
 """Backbones from timm (`features_only`), returning res2..res5 (strides 4, 8, 16, 32)."""
 from __future__ import annotations
 
-import os
-
 import timm
 import torch
 from torch import nn
@@ -11,7 +9,8 @@ from proscale.config import BackboneConfig
 
 
 class TimmBackbone(nn.Module):
-    """Wraps a timm `features_only` model.
+    """Wraps a timm `features_only` model. `pretrained=True` lets timm fetch the weights (it
+    needs the model hub); False builds random weights and downloads nothing.
 
     forward: (B, 3, H, W) normalised images -> {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)}
     """
@@ -24,8 +23,6 @@ class TimmBackbone(nn.Module):
         if "swin" in name:
             # Accept any input size that is a multiple of 32 (windows are padded inside).
             kwargs.update(strict_img_size=False)
-        if not pretrained:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
         body = timm.create_model(name, **kwargs)
         reductions = body.feature_info.reduction()
         wanted = [reductions.index(r) for r in (4, 8, 16, 32)]
