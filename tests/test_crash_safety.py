@@ -338,12 +338,13 @@ def test_sigkill_mid_run_then_resume(data_root, reference, tmp_path):
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "model_final.pt").exists()
+    assert json.loads((out / ".lock").read_text())["pid"] == proc.pid  # the killed run's lock file stays ...
     written = max(ck.iteration_of(p) for p in out.glob("model_0*.pt"))
     assert written >= 4
 
     resumed = subprocess.run(cli(data_root, out, *extra, "--resume"), env=ENV, cwd=ROOT, capture_output=True,
                              text=True, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]  # ... and does not block --resume
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["status"] == "completed"
     start = int(RESUMED.search(resumed.stderr).group(2))
     assert start >= written, (start, written)  # at most one checkpoint interval lost
@@ -352,3 +353,30 @@ def test_sigkill_mid_run_then_resume(data_root, reference, tmp_path):
     assert periodic(out) == ["model_0000004.pt", "model_0000006.pt"]  # keep_last=2 (8 is model_final)
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pt"
     assert not list(out.glob(".*.tmp"))
+
+
+def test_second_run_into_a_folder_in_use_refuses(data_root, tmp_path):
+    """Two `proscale train --out same`, the second started while the first runs: the second stops
+    at once (exit 5) naming the first, which goes on alone (SIGTERM then ends it cleanly) with one
+    metrics line per iteration."""
+    out = tmp_path / "run"
+    first = subprocess.Popen(cli(data_root, out, "iterations=100000"), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not (out / "metrics.jsonl").exists():
+            time.sleep(0.01)
+        assert first.poll() is None, "the first run ended before the second started"
+        second = subprocess.run(cli(data_root, out), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first run ended before the second was refused"
+        first.send_signal(signal.SIGTERM)
+        first_out, first_err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 5, second.stderr[-2000:]
+    assert f"in use by process {first.pid}" in second.stderr and "choose another --out" in second.stderr
+    assert first.returncode == 0, first_err[-2000:]
+    result = json.loads(first_out.strip().splitlines()[-1])
+    assert result["status"] == "interrupted"
+    assert iterations_logged(out) == list(range(1, result["iteration"] + 1))
