@@ -3,6 +3,7 @@ latency -> report.md / report.html with plots and overlays; an interrupted run r
 checkpoint and a finished one is left alone on a re-run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -14,6 +15,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from proscale.quickstart import MODELS, QuickstartConfig, add_parser, run_quickstart  # noqa: E402
+from proscale.quickstart.train_config import train_config  # noqa: E402
 
 
 def toy(out: Path, **kw) -> QuickstartConfig:
@@ -68,6 +70,9 @@ def test_quickstart_end_to_end_and_resume(tmp_path, capsys):
     for head in ("encoder GFLOPs", "total GFLOPs", "encoder ms", "model ms", "PQ", "AP", "mIoU"):
         assert head in md.splitlines()[md.splitlines().index("## Comparison") + 4]
     assert "object-mask threshold 0.5" in md  # the inference thresholds are stated
+    # The paper's cuts are quoted as the paper's, our own R50 count as ours.
+    assert "The paper reports -52% encoder and -27% total GFLOPs" in md
+    assert "our own count of those two models at 800x1088" in md and "gives -49.9% and -28.0%" in md
     assert html.count("data:image/png;base64,") == 3  # loss curves, GFLOPs bars, overlays: embedded
     for plot in ("loss_curves.png", "gflops_per_component.png"):
         w, h = png_size(out / "plots" / plot)
@@ -119,11 +124,33 @@ def test_quickstart_cli_options():
 
 
 def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
-    import proscale.quickstart as qs
+    import proscale.quickstart.plan as plan
 
     default = torch.get_num_threads()
-    monkeypatch.setattr(qs, "_idle_cores", lambda: 0.2)  # another job holds the CPU
-    assert qs.auto_threads(torch.device("cpu")) == 1
-    monkeypatch.setattr(qs, "_idle_cores", lambda: 64.0)  # idle: torch's default, never more
-    assert qs.auto_threads(torch.device("cpu")) == default
-    assert qs.auto_threads(torch.device("cuda")) is None
+    monkeypatch.setattr(plan, "idle_cores", lambda: 0.2)  # another job holds the CPU
+    assert plan.auto_threads(torch.device("cpu")) == 1
+    monkeypatch.setattr(plan, "idle_cores", lambda: 64.0)  # idle: torch's default, never more
+    assert plan.auto_threads(torch.device("cpu")) == default
+    assert plan.auto_threads(torch.device("cuda")) is None
+
+
+def test_train_config_carries_the_quickstart_settings(tmp_path):
+    out = tmp_path / "qs"
+    cfg = toy(out, lr=1e-3, warmup_iters=7, stop_after=2,
+              extra_overrides=("solver.amp=false", "encoder.plan=2,2,2"))
+    tcfg = train_config(cfg, "proscale", "proscale_nano_333", 40)
+    assert (tcfg.preset, tcfg.output_dir) == ("proscale_nano_333", str(out / "runs" / "proscale"))
+    assert (tcfg.iterations, tcfg.batch_size, tcfg.stop_after, tcfg.log_period, tcfg.eval_period) == (40, 2, 2, 2, 0)
+    assert tcfg.data.train == (f"synthetic:{(out / 'data').resolve()}",) and tcfg.data.val == ""
+    assert (tcfg.data.augmentation, tcfg.data.flip, tcfg.data.min_size_test) == ("none", True, 0)
+    assert (tcfg.solver.lr, tcfg.solver.warmup_iters, tcfg.solver.schedule) == (1e-3, 7, "poly")
+    assert tcfg.solver.backbone_multiplier == 1.0 and tcfg.solver.clip_grad == cfg.clip_grad
+    assert tcfg.loss.num_points == int(cfg.points_fraction * 64 * 64)
+    assert tcfg.test.semantic_on and tcfg.test.object_mask_threshold == cfg.object_mask_threshold
+    # The user's key=value items: a TrainConfig key set in place, a model key kept for the model.
+    assert tcfg.solver.amp is False and tcfg.model_overrides == ("encoder.plan=2,2,2",)
+    # Both models get the same config but for the preset and the folder.
+    other = train_config(cfg, "m2f", "m2f_nano", 40)
+    assert dataclasses.replace(other, preset=tcfg.preset, output_dir=tcfg.output_dir) == tcfg
+    with pytest.raises(KeyError):  # a typo fails here, not after the data are loaded
+        train_config(toy(out, extra_overrides=("encoder.no_such_key=1",)), "m2f", "m2f_nano", 40)
