@@ -1,8 +1,8 @@
 """Small per-input-size caches for constant tensors (reference points, position encodings...).
 
 Building such constants on every call costs host-to-device copies and, on a GPU at batch 1,
-more time than PRO-SCALE saves (shared/notes/GPU.md). They are built once per (size, device,
-dtype) and reused.
+more time than PRO-SCALE saves: its 9 layers would each rebuild them, against the baseline's 6.
+They are built once per (size, device, dtype) and reused.
 """
 from __future__ import annotations
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -26,7 +25,6 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     "table", "rows", ...}) with "trained" (per model: "trained" or "kept") and "seconds" added.
     OUT/stage_times.json adds up the seconds each stage took over all runs."""
     started = time.perf_counter()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     threads = cfg.threads if cfg.threads > 0 else auto_threads(resolve_device(cfg.device))
     if threads:
         torch.set_num_threads(threads)
