@@ -71,7 +71,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("export", help="export to torch.export (.pt2) or ONNX and check it", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a proscale checkpoint (.pt)")
+    src.add_argument("--checkpoint", help="weights: a proscale checkpoint, detectron2 .pkl / .pth, or a "
+                                           "Hugging Face folder")
     src.add_argument("--preset", help="a preset with random weights (for trying the export)")
     p.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
     p.add_argument("--size", default="800x1088", help="HxW of the exported input")
@@ -85,9 +86,9 @@ def _main(args) -> int:
     import proscale
 
     if args.checkpoint:
-        from proscale.checkpoints.io import build_model_from_checkpoint
+        from proscale.checkpoints.loader import load_model
 
-        model = build_model_from_checkpoint(args.checkpoint)
+        model, _ = load_model(args.checkpoint)
     else:
         model = proscale.build_model(args.preset)
     model.eval()

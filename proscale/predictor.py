@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from proscale.checkpoints.loader import CheckpointInfo, load_model
 from proscale.data.metadata import Category, DatasetMetadata
 from proscale.distributed import resolve_device
 from proscale.models.postprocess import InferenceConfig, postprocess
@@ -37,31 +39,35 @@ def metadata_from_dict(data: dict | None, num_classes: int) -> DatasetMetadata:
     return DatasetMetadata(categories=[Category(i, f"class_{i}") for i in range(num_classes)])
 
 
-def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """(model in eval mode on `device`, {"metadata", "min_size_test", "max_size_test", "inference"})
-    from a proscale checkpoint (training or `save_model`) or released detectron2 / HF weights."""
-    from proscale.checkpoints.io import build_model_from_checkpoint, config_from_checkpoint, load_checkpoint, safe_load
-    from proscale.models.maskformer import build_maskformer
+@dataclass
+class PredictorSettings:
+    """How a model runs at test time: class names, test resize and post-processing."""
 
-    obj = safe_load(checkpoint)
-    cfg = config_from_checkpoint(obj, str(checkpoint)) if isinstance(obj, dict) else None
-    if cfg is None:
-        model = build_model_from_checkpoint(checkpoint)
-        obj = {}
-    else:
-        model = build_maskformer(cfg)
-        load_checkpoint(model, obj, strict=True)
-    model = model.to(resolve_device(device)).eval()
-    train_cfg = obj.get("train_config") or {}
-    data = train_cfg.get("data") or {}
-    inference = InferenceConfig()
-    for key, value in (train_cfg.get("test") or {}).items():
-        if hasattr(inference, key):
-            setattr(inference, key, value)
-    info = {"metadata": metadata_from_dict(obj.get("metadata"), model.num_classes),
-            "min_size_test": int(data.get("min_size_test", 800)), "max_size_test": int(data.get("max_size_test", 1333)),
-            "inference": inference}
-    return model, info
+    metadata: DatasetMetadata
+    min_size_test: int = 800  # short side (0: no resize)
+    max_size_test: int = 1333  # long-side cap
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+    @classmethod
+    def from_checkpoint(cls, info: CheckpointInfo) -> PredictorSettings:
+        """The categories and test settings a checkpoint stores (training's data / test config),
+        defaults where it stores none."""
+        train_cfg = info.train_config or {}
+        data = train_cfg.get("data") or {}
+        inference = InferenceConfig()
+        for key, value in (train_cfg.get("test") or {}).items():
+            if hasattr(inference, key):
+                setattr(inference, key, value)
+        return cls(metadata_from_dict(info.metadata, info.config.num_classes),
+                   int(data.get("min_size_test", 800)), int(data.get("max_size_test", 1333)), inference)
+
+
+def load_for_inference(checkpoint: str | os.PathLike,
+                       device: str | torch.device = "cpu") -> tuple[nn.Module, PredictorSettings]:
+    """(model in eval mode on `device`, its PredictorSettings) from any weights file that
+    `proscale.checkpoints.load_model` reads (strictly: every tensor must fit)."""
+    model, info = load_model(checkpoint, device=device)
+    return model, PredictorSettings.from_checkpoint(info)
 
 
 def load_image(image: Any) -> torch.Tensor:
@@ -98,8 +104,9 @@ def load_image(image: Any) -> torch.Tensor:
 class Predictor:
     """Runs a model on single images. `tasks` is any of "panoptic", "instance", "semantic".
 
-    checkpoint_or_model: a checkpoint path (its config, categories and test settings are used)
-    or a MaskFormer (then pass `metadata`, else classes are named class_i and all are things).
+    checkpoint_or_model: a weights file `proscale.checkpoints.load_model` reads (a proscale
+    checkpoint also brings its categories and test settings) or a MaskFormer (then pass
+    `metadata`, else classes are named class_i and all are things).
     """
 
     def __init__(self, checkpoint_or_model: str | os.PathLike | nn.Module, device: str | torch.device = "auto",
@@ -109,19 +116,18 @@ class Predictor:
         self.device = resolve_device(device)
         if isinstance(checkpoint_or_model, nn.Module):
             self.model = checkpoint_or_model.to(self.device).eval()
-            info = {"metadata": metadata_from_dict(None, self.model.num_classes), "min_size_test": 800,
-                    "max_size_test": 1333, "inference": InferenceConfig()}
+            settings = PredictorSettings(metadata_from_dict(None, self.model.num_classes))
         else:
-            self.model, info = load_model(checkpoint_or_model, self.device)
-        self.metadata = metadata or info["metadata"]
-        self.min_size_test = info["min_size_test"] if min_size_test is None else min_size_test
-        self.max_size_test = info["max_size_test"] if max_size_test is None else max_size_test
+            self.model, settings = load_for_inference(checkpoint_or_model, self.device)
+        self.metadata = metadata or settings.metadata
+        self.min_size_test = settings.min_size_test if min_size_test is None else min_size_test
+        self.max_size_test = settings.max_size_test if max_size_test is None else max_size_test
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         unknown = [t for t in tasks if t not in TASK_KEYS]
         if unknown or not tasks:
             raise ValueError(f"tasks must be among {', '.join(TASK_KEYS)}, got {tasks}")
         self.tasks = tasks
-        self.inference = dataclasses.replace(inference or info["inference"], panoptic_on="panoptic" in tasks,
+        self.inference = dataclasses.replace(inference or settings.inference, panoptic_on="panoptic" in tasks,
                                              instance_on="instance" in tasks, semantic_on="semantic" in tasks)
 
     def _resize(self, image: torch.Tensor) -> torch.Tensor:
@@ -159,4 +165,4 @@ def _to_cpu(x):
     return x
 
 
-__all__ = ["Predictor", "load_model", "load_image", "metadata_from_dict"]
+__all__ = ["Predictor", "PredictorSettings", "load_for_inference", "load_image", "metadata_from_dict"]

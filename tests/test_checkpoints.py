@@ -1,9 +1,9 @@
-"""Checkpoints: detectron2 round trips, config inference, strict-load errors, no code from files, atomic save."""
+"""Checkpoints: detectron2 / HF round trips, config inference, load_model, strict-load errors, no code
+from files, atomic save."""
 import argparse
 import os
 import pickle
-import sys
-import types
+import re
 
 import numpy as np
 import pytest
@@ -12,8 +12,8 @@ import torch
 import proscale
 from proscale.checkpoints import convert as convert_cmd
 from proscale.checkpoints import (CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, atomic_save,
-                                  build_model_from_checkpoint, from_detectron2, infer_config, load_checkpoint,
-                                  safe_load, save_model, to_detectron2)
+                                  from_detectron2, infer_config, load_checkpoint, load_model, safe_load, save_model,
+                                  to_detectron2)
 from proscale.checkpoints.from_detectron2 import from_detectron2_report, infer_encoder
 from proscale.config import to_dict
 
@@ -133,7 +133,8 @@ def test_cli_convert_end_to_end(tiny, tmp_path, capsys):
     assert run_cli(["convert", str(src), "-o", str(out), "--preset", name, "--trc-layout", "spatial"]) == 0
     printed = capsys.readouterr().out
     assert "tensors loaded" in printed and f"wrote {out}" in printed
-    rebuilt = build_model_from_checkpoint(out)
+    rebuilt, info = load_model(out)
+    assert info.source == "proscale" and info.report.ok
     assert to_dict(rebuilt.cfg) == to_dict(model.cfg)
     _same_state(model, rebuilt)
     _same_outputs(model, rebuilt)
@@ -152,7 +153,7 @@ def test_cli_convert_infers_config(tmp_path, capsys):
     assert run_cli(["convert", str(src), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "encoder plan (3, 3, 3)" in printed and "official layout" in printed and "output lpe" in printed
-    rebuilt = build_model_from_checkpoint(out)
+    rebuilt, _ = load_model(out)
     enc = rebuilt.cfg.encoder
     assert (enc.plan, enc.trc, enc.trc_layout, enc.output, enc.d_model) == ((3, 3, 3), True, "official", "lpe", 64)
     assert rebuilt.cfg.backbone.freeze_bn  # detectron2 ResNets use FrozenBN
@@ -315,27 +316,98 @@ def test_proscale_naming_and_backbone_only_pickle(tmp_path, source, target):
                        model.state_dict()["backbone.body.layer4.1.bn2.running_var"])
 
 
-@pytest.mark.parametrize("api", ["map_hf_state_dict", "convert_hf_state_dict"])
-def test_hf_naming_dispatches_to_from_hf(monkeypatch, source, target, api):
-    """Hugging Face names go through proscale.checkpoints.from_hf (a stand-in here: its own tests
-    cover the real mapping); map_hf_state_dict's unmapped keys are reported as unexpected."""
-    prefix = "model.pixel_level_module."
-    hf_state = {prefix + k: v for k, v in source.state_dict().items()}
-    hf_state["model.pixel_level_module.something_else"] = torch.zeros(1)
-    fake = types.ModuleType("proscale.checkpoints.from_hf")
+# ------------------------------------------------------------------ load_model: any file -> model
+def test_load_model_from_detectron2_and_proscale_files(tmp_path):
+    model = _randomise(proscale.build_model("proscale_tiny_333"))
+    pkl = _write_official(model, tmp_path / "official.pkl")
+    # no config in the file: read from the keys, TRC in the layout the released weights use
+    loaded, info = load_model(pkl)
+    assert (info.source, info.path, info.report.ok, info.metadata) == ("detectron2", str(pkl), True, None)
+    assert loaded.cfg is info.config and info.config.encoder.trc_layout == "official" and not loaded.training
+    # a preset replaces it (classes still from the weights); overrides apply last
+    loaded, info = load_model(pkl, preset="m2f_tiny", overrides=["encoder.plan=3,3,3", "encoder.trc=true",
+                                                                 "encoder.output=lpe", "encoder.n_heads=4",
+                                                                 "encoder.trc_temperature=0.1"])
+    assert info.config.num_classes == model.cfg.num_classes
+    _same_outputs(model, loaded)  # the overrides rebuilt proscale_tiny_333 exactly
+    assert to_dict(info.config) == to_dict(model.cfg)
+    # a proscale checkpoint carries its config and class metadata
+    meta = {"name": "toy", "categories": [{"id": i, "name": f"c{i}"} for i in range(model.cfg.num_classes)]}
+    pt = save_model(loaded, tmp_path / "model.pt", extra={"metadata": meta, "train_config": {"seed": 3}})
+    again, info = load_model(pt)
+    assert (info.source, info.metadata, info.train_config) == ("proscale", meta, {"seed": 3})
+    _same_state(model, again)
+    # weights that do not fit: strict names the file and the keys, non-strict loads the rest
+    fit = r"(.|\n)*class_embed\.weight: checkpoint \(9, 64\) vs model \(4, 64\)"
+    with pytest.raises(CheckpointError, match=re.escape(str(pt)) + fit):
+        load_model(pt, num_classes=3)
+    partial, info = load_model(pt, num_classes=3, strict=False)
+    assert [k for k, _, _ in info.report.mismatched] == ["transformer_decoder.class_embed.weight",
+                                                         "transformer_decoder.class_embed.bias"]
+    key = "pixel_decoder.level_embed"
+    assert torch.equal(partial.state_dict()[key], model.state_dict()[key])
 
-    def rename(s):
-        return {k[len(prefix):]: v for k, v in s.items() if not k.endswith("something_else")}
 
-    if api == "map_hf_state_dict":
-        fake.map_hf_state_dict = lambda s: (rename(s), [], [k for k in s if k.endswith("something_else")])
-    else:
-        fake.convert_hf_state_dict = rename
-    monkeypatch.setitem(sys.modules, "proscale.checkpoints.from_hf", fake)
-    report = load_checkpoint(target, hf_state, strict=False)
-    assert report.source == "hf" and not report.missing and not report.mismatched
-    assert report.unexpected == (["model.pixel_level_module.something_else"] if api == "map_hf_state_dict" else [])
-    _same_state(source, target)
+def test_load_model_names_the_file_it_cannot_read(tmp_path):
+    folder = tmp_path / "not_a_model"
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match=re.escape(f"{folder}: no config.json")):
+        load_model(folder)
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=re.escape(f"{folder}: no model.safetensors")):
+        load_model(folder)
+    odd = tmp_path / "odd.pt"
+    torch.save({"model": {"some.layer.weight": torch.zeros(2)}}, odd)
+    with pytest.raises(CheckpointError, match=re.escape(f"{odd}: cannot tell the naming")):
+        load_model(odd)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """(save_pretrained folder, the transformers model): a small random Mask2Former with
+    transformers' timm ResNet-18 wrapper, 4 heads (not the 8 a guess from the weights would give)."""
+    transformers = pytest.importorskip("transformers")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "timm_backbone is not a supported model"
+    try:
+        backbone = transformers.TimmBackboneConfig(backbone="resnet18", out_indices=[1, 2, 3, 4])
+        config = transformers.Mask2FormerConfig(
+            backbone_config=backbone, feature_size=32, hidden_dim=32, mask_feature_size=32, encoder_layers=1,
+            decoder_layers=2, num_queries=5, dim_feedforward=64, encoder_feedforward_dim=64, num_attention_heads=4,
+            id2label={0: "cat", 1: "dog", 2: "sky"})
+        torch.manual_seed(0)
+        hf = transformers.Mask2FormerForUniversalSegmentation(config).eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    folder = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(folder)
+    return folder, hf
+
+
+def test_load_model_reads_hf_folders_and_their_safetensors(hf_folder):
+    from proscale.checkpoints.from_hf import load_hf_model
+
+    folder, hf = hf_folder
+    reference = load_hf_model(hf)  # from the transformers object in memory
+    for path in (folder, folder / "model.safetensors"):
+        model, info = load_model(path)
+        assert info.source == "hf" and info.report.ok and info.report.ignored == ["criterion.empty_weight"]
+        cfg = info.config  # from config.json (beside the .safetensors too): heads are not in the weights
+        assert (cfg.num_classes, cfg.encoder.plan, cfg.encoder.n_heads, cfg.decoder.nheads) == (3, (0, 0, 1), 4, 4)
+        assert [c["name"] for c in info.metadata["categories"]] == ["cat", "dog", "sky"]
+        _same_state(reference, model)
+
+
+def test_hf_names_load_into_a_built_model(hf_folder):
+    folder, hf = hf_folder
+    model, _ = load_model(folder)
+    state = dict(hf.state_dict())
+    state["model.pixel_level_module.something_else"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"unexpected(.|\n)*model\.pixel_level_module\.something_else"):
+        load_checkpoint(model, state)
+    report = load_checkpoint(model, state, strict=False)
+    assert report.source == "hf" and report.unexpected == ["model.pixel_level_module.something_else"]
+    assert not report.missing and not report.mismatched
 
 
 # ------------------------------------------------------------------ safety
@@ -464,7 +536,7 @@ def test_save_model_round_trip(tmp_path, suffix):
     path = save_model(model, tmp_path / f"m{suffix}")
     stored = safe_load(path)
     assert stored["proscale_version"] == proscale.__version__
-    rebuilt = build_model_from_checkpoint(path)
+    rebuilt, _ = load_model(path)
     assert rebuilt.cfg.encoder.plan == (1, 2, 1) and not rebuilt.training
     _same_state(model, rebuilt)
     if suffix == ".pt":

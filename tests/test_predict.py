@@ -82,6 +82,31 @@ def test_predictor_from_model_and_bad_inputs(image_rgb):
         p.predict("/nonexistent/image.jpg")
 
 
+def test_predictor_from_released_weights_uses_defaults(checkpoint, image_rgb, tmp_path):
+    """A detectron2 .pkl has no categories or test sizes: generic names and 800 / 1333."""
+    import pickle
+
+    from proscale.checkpoints import load_model, to_detectron2
+
+    model, _ = load_model(checkpoint)
+    pkl = tmp_path / "official.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": to_detectron2(model.state_dict(), numpy=True)}, f)
+    released = Predictor(pkl, device="cpu", tasks="semantic", min_size_test=64, max_size_test=128)
+    assert released.metadata.class_names == [f"class_{i}" for i in range(8)]
+    assert Predictor(pkl, device="cpu").min_size_test == 800
+    assert released.predict(image_rgb)["sem_seg"].shape == (8, 70, 90)
+    official = to_detectron2(released.model.state_dict())  # the same tensors (attention heads are a guess)
+    assert all(torch.equal(v, official[k]) for k, v in to_detectron2(model.state_dict()).items())
+
+
+def test_eval_cli_names_an_unreadable_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    assert run_cli(["eval", "--checkpoint", str(bad), "--data", f"synthetic:{tmp_path}", "--device", "cpu"]) == 1
+    assert f"error: {bad}: not a readable torch checkpoint" in capsys.readouterr().err
+
+
 def test_predict_cli_folder_with_a_corrupt_file(checkpoint, image_rgb, tmp_path, capsys):
     folder = tmp_path / "images"
     folder.mkdir()

@@ -1,26 +1,23 @@
-"""Checkpoints: atomic save, safe load (no code from files), converters from other namings.
+"""Checkpoints: one path from any weights file to a model; safe reading, atomic writing, converters.
 
-    from proscale.checkpoints import load_checkpoint, save_model, build_model_from_checkpoint
-    report = load_checkpoint(model, "model_final.pkl")   # detectron2, HF or proscale naming
-    print(report)                                         # missing / unexpected / mismatched keys
+    from proscale.checkpoints import load_model, load_checkpoint, save_model
+    model, info = load_model("model_final.pkl")       # proscale .pt, detectron2 .pkl/.pth, HF folder
+    print(info.report)                                 # missing / unexpected / mismatched keys
+    report = load_checkpoint(model, "other.pt")        # into a model you built, any naming
+
+Layers, lowest first: errors -> state_dict, safe_load -> load_state -> from_detectron2, from_hf
+-> loader (load_checkpoint, load_model) -> io (atomic_save, save_model) -> convert (the command).
 """
-from proscale.checkpoints.io import (
-    CheckpointError,
-    CorruptCheckpointError,
-    LoadReport,
-    UnsafeCheckpointError,
-    atomic_save,
-    build_model_from_checkpoint,
-    convert_state_dict,
-    detect_source,
-    load_checkpoint,
-    safe_load,
-    save_model,
-)
+from proscale.checkpoints.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from proscale.checkpoints.from_detectron2 import from_detectron2, infer_config, to_detectron2
+from proscale.checkpoints.io import atomic_save, save_model
+from proscale.checkpoints.load_state import LoadReport
+from proscale.checkpoints.loader import CheckpointInfo, convert_state_dict, load_checkpoint, load_model
+from proscale.checkpoints.safe_load import safe_load
+from proscale.checkpoints.state_dict import detect_source
 
 __all__ = [
-    "CheckpointError", "CorruptCheckpointError", "UnsafeCheckpointError", "LoadReport",
-    "atomic_save", "safe_load", "load_checkpoint", "save_model", "build_model_from_checkpoint",
+    "CheckpointError", "CorruptCheckpointError", "UnsafeCheckpointError", "LoadReport", "CheckpointInfo",
+    "atomic_save", "safe_load", "load_checkpoint", "load_model", "save_model",
     "convert_state_dict", "detect_source", "from_detectron2", "to_detectron2", "infer_config",
 ]

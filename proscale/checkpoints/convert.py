@@ -1,14 +1,16 @@
 """`proscale convert`: released weights (detectron2 .pkl / .pth, Hugging Face, safetensors) -> a
-proscale checkpoint that `proscale eval/predict --checkpoint` and `build_model_from_checkpoint` use.
+proscale checkpoint (weights + model config) that `proscale eval/predict --checkpoint` and
+`proscale.checkpoints.load_model` read without further options.
 
     proscale convert model_final_94dc52.pkl -o m2f_r50.pt                  # Mask2Former R50 (model zoo)
     proscale convert proscale_r50_333.pth -o proscale_r50_333.pt           # the PRO-SCALE release
     proscale convert mine.pkl -o mine.pt --preset proscale_tiny_333 --trc-layout spatial
     proscale convert m2f_r50.pt -o m2f_r50.pkl --to detectron2             # export to detectron2 names
 
-Without --preset the model config is read from the weights: backbone, layer plan, TRC, LPE or
-conv output, sizes and classes (attention heads, which the weights do not record, default to 8).
-Weights with TRC get the "official" TRC layout unless --trc-layout says otherwise: the released
+Without --preset the model config is the file's own (a proscale checkpoint's, a Hugging Face
+config.json), else read from the weights: backbone, layer plan, TRC, LPE or conv output, sizes
+and classes (attention heads, which the weights do not record, default to 8). detectron2-named
+weights with TRC get the "official" TRC layout unless --trc-layout says otherwise: the released
 PRO-SCALE weights were trained with it. Loading is strict: every tensor must fit, or nothing is
 written (--no-strict writes what fits and lists the rest).
 """
@@ -17,6 +19,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from proscale.checkpoints.errors import CheckpointError
+from proscale.checkpoints.from_detectron2 import to_detectron2
+from proscale.checkpoints.io import atomic_save, save_model
+from proscale.checkpoints.loader import load_model
 
 
 def add_parser(subparsers) -> None:
@@ -48,73 +55,19 @@ def _describe(cfg) -> str:
 def convert(input_path: str | Path, output_path: str | Path, preset: str | None = None,
             num_classes: int | None = None, trc_layout: str | None = None, source: str = "auto",
             to: str = "proscale", strict: bool = True):
-    """Reads `input_path`, builds the model it describes, loads it and writes `output_path`.
-    Returns (LoadReport, ModelConfig). Raises CheckpointError when the weights do not fit."""
-    from proscale.checkpoints.from_detectron2 import infer_config
-    from proscale.checkpoints.io import (CheckpointError, config_from_checkpoint, convert_state_dict,
-                                         extract_state_dict, load_converted, safe_load)
-    from proscale.models.maskformer import build_maskformer
-    from proscale.presets import get_preset
-
+    """Reads `input_path` with `load_model` (which builds the model it describes) and writes
+    `output_path`. Returns (LoadReport, ModelConfig). Raises CheckpointError when the weights do
+    not fit; then nothing is written."""
     input_path, output_path = Path(input_path), Path(output_path)
     if to == "proscale" and output_path.suffix.lower() in (".pkl", ".pickle"):
         raise CheckpointError(f"{output_path}: a proscale checkpoint is .pt or .safetensors (.pkl needs --to detectron2)")
-    if input_path.is_dir():  # a Hugging Face save_pretrained folder (config.json + weights)
-        model, report = _from_hf_folder(input_path, preset, num_classes, trc_layout, strict)
-        return _write(model, report, output_path, to), model.cfg
-    obj = safe_load(input_path)
-    state = extract_state_dict(obj, str(input_path))
-    try:
-        converted, src, ignored, unmapped = convert_state_dict(state, source)
-    except CheckpointError as e:
-        raise CheckpointError(f"{input_path}: {e}") from None
-    if preset:
-        cfg = get_preset(preset)
-        if num_classes is None and "transformer_decoder.class_embed.weight" in converted:
-            num_classes = int(converted["transformer_decoder.class_embed.weight"].shape[0]) - 1
-    else:
-        cfg = config_from_checkpoint(obj, str(input_path)) if src == "proscale" else None
-        if cfg is None:
-            try:
-                cfg = infer_config(converted, trc_layout="official" if src == "detectron2" else None)
-            except CheckpointError as e:
-                raise CheckpointError(f"{input_path}: {e}") from None
-    if num_classes is not None:
-        cfg.num_classes = num_classes
-    if trc_layout is not None:
-        cfg.encoder.trc_layout = trc_layout
-    model = build_maskformer(cfg)
-    report = load_converted(model, converted, src, ignored, unmapped, strict=strict, path=str(input_path))
-    return _write(model, report, output_path, to), cfg
-
-
-def _from_hf_folder(folder: Path, preset, num_classes, trc_layout, strict):
-    from proscale.checkpoints.io import CheckpointError, LoadReport, _hf_module
-    from proscale.presets import get_preset
-
-    hf = _hf_module()
-    if hf is None or not hasattr(hf, "load_hf_model"):
-        raise CheckpointError(f"{folder}: a folder is read as a Hugging Face save_pretrained folder, but "
-                              f"proscale.checkpoints.from_hf.load_hf_model is not available")
-    cfg = None
-    if preset:
-        cfg = get_preset(preset)
-        if num_classes is not None:
-            cfg.num_classes = num_classes
-        if trc_layout is not None:
-            cfg.encoder.trc_layout = trc_layout
-    try:
-        model = hf.load_hf_model(folder, cfg=cfg, strict=strict)
-    except (ValueError, RuntimeError, KeyError, OSError) as e:
-        raise CheckpointError(f"{folder}: {e}") from None
-    report = LoadReport(source="hf", path=str(folder), loaded=len(model.state_dict()))
-    return model, report
+    overrides = [f"encoder.trc_layout={trc_layout}"] if trc_layout else []
+    model, info = load_model(input_path, preset=preset, overrides=overrides, num_classes=num_classes, strict=strict,
+                             source=source)
+    return _write(model, info.report, output_path, to), info.config
 
 
 def _write(model, report, output_path: Path, to: str):
-    from proscale.checkpoints.from_detectron2 import to_detectron2
-    from proscale.checkpoints.io import atomic_save, save_model
-
     if to == "proscale":
         save_model(model, output_path)
     else:
@@ -127,8 +80,6 @@ def _write(model, report, output_path: Path, to: str):
 
 
 def _main(args) -> int:
-    from proscale.checkpoints.io import CheckpointError
-
     try:
         report, cfg = convert(args.input, args.output, preset=args.preset, num_classes=args.num_classes,
                               trc_layout=args.trc_layout, source=args.source, to=args.to,

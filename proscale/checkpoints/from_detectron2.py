@@ -32,7 +32,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from proscale.checkpoints.io import CheckpointError, _as_tensor, detect_source
+from proscale.checkpoints.errors import CheckpointError
+from proscale.checkpoints.state_dict import as_tensor as _as_tensor
+from proscale.checkpoints.state_dict import detect_source
 
 PD, PD_D2 = "pixel_decoder.", "sem_seg_head.pixel_decoder."
 DEC, DEC_D2 = "transformer_decoder.", "sem_seg_head.predictor."

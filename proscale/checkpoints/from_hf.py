@@ -7,11 +7,13 @@ the decoder self-attention, whose separate q/k/v projections become one `in_proj
 (`TimmBackboneConfig`): its `_backbone.` is our `backbone.body.`. Hugging Face's own Swin/ResNet
 backbones have other names and are reported as unmapped.
 
-    model = load_hf_model("path/to/save_pretrained_dir")         # or a transformers model object
+    model = load_hf_model(hf_model)                              # a transformers model object
     state = convert_hf_state_dict(hf_model.state_dict())         # plain dict in, plain dict out
     cfg = config_from_hf(hf_model.config)                        # -> ModelConfig
 
-Nothing here imports transformers: a state dict and a `config.json` are enough.
+Files and save_pretrained folders load through `proscale.checkpoints.load_model`, which uses
+the readers here (read_hf_folder, config_from_hf). Nothing here imports transformers: a state
+dict and a `config.json` are enough.
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
+from proscale.checkpoints.errors import CheckpointError
+from proscale.checkpoints.load_state import build_loaded_model
+from proscale.checkpoints.safe_load import safe_load
+from proscale.checkpoints.state_dict import extract_state_dict
 from proscale.config import BackboneConfig, DecoderConfig, EncoderConfig, ModelConfig
 
 _PIX = "model.pixel_level_module."
@@ -91,7 +97,7 @@ class UnmappedKeysError(ValueError):
 
 
 class Conversion(NamedTuple):
-    """(state, ignored, unmapped): the order of from_detectron2_report, so io.py treats both alike."""
+    """(state, ignored, unmapped): the order of from_detectron2_report, so the loader treats both alike."""
 
     state_dict: dict[str, torch.Tensor]  # proscale names
     ignored: list[str]  # HF keys deliberately skipped (IGNORED_KEYS: training-loss buffers)
@@ -155,8 +161,12 @@ def _as_dict(hf_config: Any) -> dict:
     raise TypeError(f"expected a Mask2FormerConfig or its dict, got {type(hf_config).__name__}")
 
 
-def config_from_hf(hf_config: Any, backbone: BackboneConfig | None = None) -> ModelConfig:
+def config_from_hf(hf_config: Any, backbone: BackboneConfig | None = None,
+                   preprocessor: Mapping | None = None) -> ModelConfig:
     """ModelConfig matching a transformers `Mask2FormerConfig` (object or `config.json` dict).
+
+    preprocessor: a `preprocessor_config.json` dict; its image_mean / image_std (scaled to
+    0-255 as its rescale_factor says) become the pixel mean / std.
 
     The backbone comes from a `timm_backbone` sub-config (name, frozen BatchNorm); for any other
     backbone type pass `backbone=` explicitly (its weights will not convert). Options proscale
@@ -192,7 +202,7 @@ def config_from_hf(hf_config: Any, backbone: BackboneConfig | None = None) -> Mo
     num_classes = int(get("num_labels") or (len(id2label) if id2label else 0))
     if num_classes <= 0:
         raise ValueError("the Hugging Face config has no labels (id2label / num_labels)")
-    return ModelConfig(
+    cfg = ModelConfig(
         num_classes=num_classes,
         backbone=backbone,
         encoder=EncoderConfig(
@@ -207,63 +217,86 @@ def config_from_hf(hf_config: Any, backbone: BackboneConfig | None = None) -> Mo
             mask_dim=int(get("mask_feature_size", 256)),
         ),
     )
+    if preprocessor and preprocessor.get("image_mean") and preprocessor.get("image_std"):
+        rescale = preprocessor.get("do_rescale", True)
+        scale = 1.0 / float(preprocessor.get("rescale_factor", 1 / 255)) if rescale else 1.0
+        cfg.pixel_mean = tuple(float(m) * scale for m in preprocessor["image_mean"])
+        cfg.pixel_std = tuple(float(s) * scale for s in preprocessor["image_std"])
+    return cfg
 
 
-def _read_hf_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
-    """(config.json dict, state dict, preprocessor_config.json dict or None) of a save_pretrained folder."""
-    config = json.loads((path / "config.json").read_text())
-    files: list[Path]
-    if (path / "model.safetensors").exists():
-        files = [path / "model.safetensors"]
-    elif (path / "model.safetensors.index.json").exists():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
-        files = [path / f for f in sorted(set(index["weight_map"].values()))]
-    elif (path / "pytorch_model.bin").exists():
-        files = [path / "pytorch_model.bin"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
+def read_hf_json(folder: str | Path) -> tuple[dict | None, dict | None]:
+    """(config.json, preprocessor_config.json) of a save_pretrained folder as dicts; None where absent."""
+    folder = Path(folder)
+    found = []
+    for name in ("config.json", "preprocessor_config.json"):
+        path = folder / name
+        try:
+            found.append(json.loads(path.read_text()) if path.is_file() else None)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    return found[0], found[1]
+
+
+def hf_weight_files(folder: str | Path) -> list[Path]:
+    """The weight files of a save_pretrained folder: model.safetensors, its shards, or pytorch_model.bin."""
+    folder = Path(folder)
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    if (folder / "pytorch_model.bin").is_file():
+        return [folder / "pytorch_model.bin"]
+    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin "
+                          f"(not a Hugging Face save_pretrained folder)")
+
+
+def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
+    """(config.json dict, state dict, preprocessor_config.json dict or None) of a save_pretrained
+    folder; the weights are read with `safe_load` (no code from the files)."""
+    config, preprocessor = read_hf_json(folder)
+    if config is None:
+        raise CheckpointError(f"{folder}: no config.json (not a Hugging Face save_pretrained folder)")
     state: dict[str, torch.Tensor] = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    for path in hf_weight_files(folder):
+        state.update(extract_state_dict(safe_load(path), str(path)))
+    return config, state, preprocessor
 
-            state.update(load_file(str(f)))
-        else:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
-    pre = path / "preprocessor_config.json"
-    return config, state, json.loads(pre.read_text()) if pre.exists() else None
+
+def class_metadata_from_hf(hf_config: Any) -> dict | None:
+    """{"categories": [{"id", "name"}, ...]} from the config's id2label (contiguous ids), or None."""
+    id2label = _as_dict(hf_config).get("id2label")
+    if not id2label:
+        return None
+    return {"name": "", "categories": [{"id": int(i), "name": str(id2label[i])}
+                                       for i in sorted(id2label, key=int)]}
 
 
 def load_hf_model(source: Any, cfg: ModelConfig | None = None, strict: bool = True):
-    """A proscale MaskFormer carrying the weights of a transformers Mask2Former.
+    """A proscale MaskFormer (eval mode) carrying the weights of a transformers Mask2Former.
 
     source: a `save_pretrained` folder (config.json + model.safetensors or pytorch_model.bin),
     or a `Mask2FormerForUniversalSegmentation` object. `cfg` defaults to `config_from_hf` of its
     config (pixel mean/std from preprocessor_config.json when present). With `strict`, unmapped
-    Hugging Face keys and proscale weights left unset both raise; BatchNorm `num_batches_tracked`
-    counters are the only entries allowed to differ (FrozenBN on one side has none).
+    Hugging Face keys and proscale weights left unset raise CheckpointError; BatchNorm
+    `num_batches_tracked` counters are the only entries allowed to differ (FrozenBN on one side
+    has none). `proscale.checkpoints.load_model(folder)` reads a folder the same way and also
+    returns the LoadReport.
     """
-    from proscale.models.maskformer import build_maskformer
-
-    preprocessor = None
+    preprocessor, where = None, None
     if isinstance(source, (str, Path)):
-        hf_config, hf_state, preprocessor = _read_hf_dir(Path(source))
+        hf_config, hf_state, preprocessor = read_hf_folder(source)
+        where = str(source)
     else:
         hf_config, hf_state = source.config, source.state_dict()
     if cfg is None:
-        cfg = config_from_hf(hf_config)
-        if preprocessor and preprocessor.get("image_mean") and preprocessor.get("image_std"):
-            rescale = preprocessor.get("do_rescale", True)
-            scale = 1.0 / float(preprocessor.get("rescale_factor", 1 / 255)) if rescale else 1.0
-            cfg.pixel_mean = tuple(float(m) * scale for m in preprocessor["image_mean"])
-            cfg.pixel_std = tuple(float(s) * scale for s in preprocessor["image_std"])
-    state = convert_hf_state_dict(hf_state, strict=strict)
-    model = build_maskformer(cfg)
-    own = model.state_dict()
-    state = {k: v for k, v in state.items() if k in own or not k.endswith("num_batches_tracked")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if strict and (missing or unexpected):
-        raise RuntimeError(f"Hugging Face weights do not fit the proscale model: missing {missing}, "
-                           f"unexpected {unexpected}")
+        cfg = config_from_hf(hf_config, preprocessor=preprocessor)
+    converted = map_hf_state_dict(hf_state)
+    model, _ = build_loaded_model(cfg, converted.state_dict, "hf", converted.ignored, converted.unmapped,
+                                  strict=strict, path=where)
     return model

@@ -153,15 +153,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from proscale.checkpoints.errors import CheckpointError
     from proscale.data import TransformConfig, build_dataloader, build_dataset, build_transforms
     from proscale import distributed as du
-    from proscale.predictor import load_model
+    from proscale.predictor import load_for_inference
 
     info = du.init_distributed(args.device)
     try:
-        model, extra = load_model(args.checkpoint, info.device)
-        min_size = args.min_size_test if args.min_size_test is not None else extra["min_size_test"]
-        max_size = args.max_size_test if args.max_size_test is not None else extra["max_size_test"]
+        try:
+            model, settings = load_for_inference(args.checkpoint, info.device)
+        except CheckpointError as e:  # names the file and the problem; a traceback would add nothing
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        min_size = args.min_size_test if args.min_size_test is not None else settings.min_size_test
+        max_size = args.max_size_test if args.max_size_test is not None else settings.max_size_test
         transforms = build_transforms(False, TransformConfig(min_size_test=min_size, max_size_test=max_size))
         dataset = build_dataset(args.data, args.split, transforms)
         if dataset.metadata.num_classes != model.num_classes:
@@ -170,7 +175,7 @@ def main(args: argparse.Namespace) -> int:
             return 2
         loader = build_dataloader(dataset, args.batch_size, train=False, num_workers=args.num_workers,
                                   distributed=info.distributed)
-        results = evaluate(model, loader, dataset.metadata, tuple(args.task or TASKS), extra["inference"], info.device,
+        results = evaluate(model, loader, dataset.metadata, tuple(args.task or TASKS), settings.inference, info.device,
                            output_dir=args.out)
         if info.is_main:
             print(summary_line(results))

@@ -1,0 +1,184 @@
+"""From a weights file to a model: the one path every command takes.
+
+    model, info = load_model("model_final_94dc52.pkl")          # builds the model the file describes
+    report = load_checkpoint(model, "other.pt", strict=False)   # loads a file into a model you built
+
+`load_model` accepts, and takes the model config from:
+  a proscale checkpoint (.pt / .safetensors: save_model, training)   its stored "config"
+  a detectron2 Mask2Former .pkl, a PRO-SCALE release .pth            the keys (from_detectron2.infer_config)
+  a transformers save_pretrained folder, or a .safetensors in one    its config.json (+ preprocessor_config.json),
+                                                                    else the keys
+`preset=` (a name or a ModelConfig) replaces that config; then `num_classes=` and `overrides=`
+apply. The Predictor and `proscale eval / predict / convert / export` build their models with it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from proscale.checkpoints.errors import CheckpointError
+from proscale.checkpoints.from_detectron2 import from_detectron2_report, infer_config
+from proscale.checkpoints.from_hf import (class_metadata_from_hf, config_from_hf, map_hf_state_dict,
+                                          read_hf_folder, read_hf_json)
+from proscale.checkpoints.load_state import LoadReport, build_loaded_model, load_converted
+from proscale.checkpoints.safe_load import safe_load
+from proscale.checkpoints.state_dict import SOURCES, detect_source, extract_state_dict
+from proscale.config import ModelConfig, apply_overrides, from_dict
+from proscale.distributed import resolve_device
+from proscale.presets import get_preset
+
+# TRC layout of weights whose file does not say: the authors' release (detectron2 naming) was
+# trained with the "official" layout; anything else gets proscale's default.
+RELEASE_TRC_LAYOUT = {"detectron2": "official"}
+CLASS_HEAD = "transformer_decoder.class_embed.weight"  # (num_classes + 1, hidden): the class count
+
+
+def convert_state_dict(state: Mapping[str, Any],
+                       source: str = "auto") -> tuple[dict[str, Any], str, list[str], list[str]]:
+    """Any supported naming -> (proscale-named state, source, ignored keys, unmappable keys).
+
+    detectron2 / HF values come back as tensors; proscale-named values pass through untouched
+    (`load_converted` turns numpy arrays into tensors).
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if source == "auto":
+        source = detect_source(state)
+    if source == "proscale":
+        return dict(state), source, [], []
+    if source == "detectron2":
+        converted, ignored, unmapped = from_detectron2_report(state)
+    else:
+        converted, ignored, unmapped = map_hf_state_dict(state)
+    return dict(converted), source, list(ignored), list(unmapped)
+
+
+def load_checkpoint(model: nn.Module, path_or_state: str | os.PathLike | Mapping[str, Any], strict: bool = True,
+                    source: str = "auto") -> LoadReport:
+    """Loads weights into `model` from a file or an already loaded dict, in any supported naming.
+
+    path_or_state: a path (see `safe_load`), a checkpoint dict ({"model": state, ...}) or a
+    state dict. source: "auto", "proscale", "detectron2" or "hf".
+    Compares every tensor with `model.state_dict()`. With `strict`, any missing, unexpected or
+    shape-mismatched key raises CheckpointError naming them, and the model is left unchanged;
+    otherwise the keys that fit are loaded and the report lists the rest.
+    """
+    path = None
+    if isinstance(path_or_state, (str, os.PathLike)):
+        path = str(path_or_state)
+        obj = safe_load(path_or_state)
+    else:
+        obj = path_or_state
+    where = path or "checkpoint"
+    state = extract_state_dict(obj, where)
+    try:
+        converted, source, ignored, unmapped = convert_state_dict(state, source)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return load_converted(model, converted, source, ignored, unmapped, strict=strict, path=path)
+
+
+@dataclass
+class CheckpointInfo:
+    """What `load_model` found besides the weights."""
+
+    path: str
+    source: str  # the naming of the weights: "proscale", "detectron2" or "hf"
+    config: ModelConfig  # what the model was built from (also `model.cfg`)
+    report: LoadReport
+    metadata: dict | None = None  # class metadata {"name", "categories": [{"id", "name", "isthing", ...}]}
+    train_config: dict | None = None  # the training config a `proscale train` checkpoint stores
+
+
+@dataclass
+class _WeightsFile:
+    """A weights file as read: its state dict (file naming) and what describes the model."""
+
+    state: dict[str, Any]
+    stored_config: ModelConfig | None = None  # a proscale checkpoint's "config"
+    hf_config: dict | None = None  # transformers' config.json
+    preprocessor: dict | None = None  # transformers' preprocessor_config.json
+    metadata: dict | None = None
+    train_config: dict | None = None
+
+
+def _stored_config(obj: Mapping[str, Any], where: str) -> ModelConfig | None:
+    data = obj.get("config")
+    if data is None:
+        return None
+    if dataclasses.is_dataclass(data):
+        return data
+    try:
+        return from_dict(ModelConfig, data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: stored config does not fit this proscale version: {e}") from None
+
+
+def _read(path: Path) -> _WeightsFile:
+    if path.is_dir():  # a transformers save_pretrained folder
+        hf_config, state, preprocessor = read_hf_folder(path)
+        return _WeightsFile(state, hf_config=hf_config, preprocessor=preprocessor)
+    obj = safe_load(path)
+    state = extract_state_dict(obj, str(path))
+    return _WeightsFile(state, stored_config=_stored_config(obj, str(path)), metadata=obj.get("metadata"),
+                        train_config=obj.get("train_config"))
+
+
+def _model_config(weights: _WeightsFile, converted: Mapping[str, Any], source: str, path: Path,
+                  preset: str | ModelConfig | None) -> ModelConfig:
+    """The config to build: `preset`, else the file's stored config, else transformers'
+    config.json (in the folder, or beside a .safetensors), else inferred from the weights."""
+    if preset is not None:
+        cfg = get_preset(preset) if isinstance(preset, str) else copy.deepcopy(preset)
+        if CLASS_HEAD in converted:  # the classes the weights were trained on, unless num_classes= says
+            cfg.num_classes = int(converted[CLASS_HEAD].shape[0]) - 1
+        return cfg
+    if weights.stored_config is not None:
+        return weights.stored_config
+    if source == "hf" and weights.hf_config is None and path.is_file():
+        weights.hf_config, weights.preprocessor = read_hf_json(path.parent)
+    if weights.hf_config is not None:
+        try:
+            return config_from_hf(weights.hf_config, preprocessor=weights.preprocessor)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    try:
+        return infer_config(converted, trc_layout=RELEASE_TRC_LAYOUT.get(source, "spatial"))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_model(path: str | os.PathLike, *, preset: str | ModelConfig | None = None, overrides: Iterable[str] = (),
+               num_classes: int | None = None, device: str | torch.device = "cpu", strict: bool = True,
+               source: str = "auto") -> tuple[nn.Module, CheckpointInfo]:
+    """(MaskFormer in eval mode on `device`, CheckpointInfo) from any weights file (module docstring).
+
+    preset: a preset name or ModelConfig to build instead of the file's config (the class count
+    still comes from the weights unless `num_classes` is given). overrides: dotted config
+    overrides ("encoder.trc_layout=spatial"), applied last. device: "cpu", "cuda", "auto", ...
+    strict: every tensor must fit (else CheckpointError naming the file and the keys); False
+    loads what fits and lists the rest in `info.report`. source: the naming ("auto": detected).
+    """
+    path = Path(path)
+    weights = _read(path)
+    try:
+        converted, source, ignored, unmapped = convert_state_dict(weights.state, source)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    cfg = _model_config(weights, converted, source, path, preset)
+    if num_classes is not None:
+        cfg.num_classes = num_classes
+    apply_overrides(cfg, list(overrides))
+    model, report = build_loaded_model(cfg, converted, source, ignored, unmapped, strict=strict, path=str(path))
+    metadata = weights.metadata
+    if metadata is None and weights.hf_config is not None:
+        metadata = class_metadata_from_hf(weights.hf_config)
+    info = CheckpointInfo(str(path), source, cfg, report, metadata, weights.train_config)
+    return model.to(resolve_device(device)), info
