@@ -27,8 +27,10 @@ class EncoderConfig:
     plan: tuple[int, int, int] = (0, 0, 6)  # layers per stage: (res5 only, +res4, +res3)
     trc: bool = False  # Token Re-Calibration gates res5 and res4 before they join
     trc_temperature: float = 1.0
-    trc_layout: str = "spatial"  # "spatial" (as the paper describes) or "official" (raw view)
-    residual: bool = False  # add each early stage's input back after every layer of it
+    # "spatial" (as the paper describes), "official" (raw view, Linear score) or "official_conv"
+    # (raw view, 1x1-conv score): docs/method.md, "Token Re-Calibration (TRC)"
+    trc_layout: str = "spatial"
+    residual: bool = False  # after each stage-1/2 layer, add back the gated input tokens present
     output: str = "conv"  # stride-4 output block: "conv" (3x3 conv, Mask2Former) or "lpe"
     d_model: int = 256
     n_heads: int = 8

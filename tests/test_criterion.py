@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import proscale.models.criterion as criterion_module
 from proscale.models.criterion import LossConfig, SetCriterion, build_criterion, pad_targets
 from proscale.models.matcher import HungarianMatcher
 from proscale.models.point_sampling import (
@@ -199,6 +200,76 @@ def test_perfect_predictions_give_much_smaller_losses():
     assert good["loss_ce"] < 0.01 * bad["loss_ce"]
     assert good["loss_mask"] < 0.1 * bad["loss_mask"]
     assert good["loss_dice"] < 0.2 * bad["loss_dice"]
+
+
+class FixedMatcher(torch.nn.Module):
+    """Returns the given matches, so the losses below depend on nothing random."""
+
+    def __init__(self, indices):
+        super().__init__()
+        self.indices = indices
+
+    def forward(self, outputs, targets):
+        return self.indices
+
+
+def test_losses_equal_their_formulas_by_hand(monkeypatch):
+    """BCE, Dice and class losses against their formulas, evaluated with math on every pixel.
+
+    The point sampler is replaced by one that returns every pixel centre of the (same-size)
+    logits and targets, where bilinear sampling reads the pixel values exactly.
+    """
+    h, w = 3, 4
+    centres = torch.tensor([[(j + 0.5) / w, (i + 0.5) / h] for i in range(h) for j in range(w)])
+    cfg = LossConfig(num_points=77, oversample_ratio=2.0, importance_sample_ratio=0.5)
+
+    def every_pixel_centre(logits, uncertainty_fn, num_points, oversample_ratio, importance_sample_ratio):
+        assert logits.shape[1:] == (1, h, w)
+        assert (num_points, oversample_ratio, importance_sample_ratio) == (77, 2.0, 0.5)
+        return centres.expand(logits.shape[0], -1, -1)
+
+    monkeypatch.setattr(criterion_module, "get_uncertain_point_coords_with_randomness", every_pixel_centre)
+    g = torch.Generator().manual_seed(0)
+    pred_masks = torch.randn(2, 3, h, w, generator=g) * 2
+    pred_logits = torch.randn(2, 3, K + 1, generator=g)
+    targets = [
+        {"labels": torch.tensor([1, 4]), "masks": torch.rand(2, h, w, generator=g) > 0.5},
+        # more targets than queries: one stays unmatched, but still counts in the normaliser
+        {"labels": torch.tensor([2, 0, 3, 2]), "masks": torch.rand(4, h, w, generator=g) > 0.5},
+    ]
+    indices = [(torch.tensor([2, 0]), torch.tensor([1, 0])), (torch.tensor([1, 0, 2]), torch.tensor([3, 0, 2]))]
+    crit = SetCriterion(K, FixedMatcher(indices), cfg)
+    losses = crit({"pred_logits": pred_logits, "pred_masks": pred_masks, "padded_size": (h, w)}, targets)
+
+    def sigmoid(x):
+        return 1 / (1 + math.exp(-x))
+
+    bce = dice = 0.0
+    pairs = [(b, q, t) for b, (src, tgt) in enumerate(indices) for q, t in zip(src.tolist(), tgt.tolist())]
+    for b, q, t in pairs:
+        x = pred_masks[b, q].flatten().tolist()
+        y = targets[b]["masks"][t].flatten().float().tolist()
+        p = [sigmoid(v) for v in x]
+        # sigmoid BCE, averaged over the points of the mask
+        bce += sum(-(yi * math.log(pi) + (1 - yi) * math.log(1 - pi)) for pi, yi in zip(p, y)) / len(x)
+        # 1 - (2 sum(p t) + 1) / (sum p + sum t + 1)
+        dice += 1 - (2 * sum(pi * yi for pi, yi in zip(p, y)) + 1) / (sum(p) + sum(y) + 1)
+    assert len(pairs) == 5
+    num_masks = 6  # target masks in the batch, matched or not
+    assert losses["loss_mask"].item() == pytest.approx(bce / num_masks, rel=1e-5)
+    assert losses["loss_dice"].item() == pytest.approx(dice / num_masks, rel=1e-5)
+    # Class loss: cross-entropy over all 6 queries, unmatched ones target "no object" (K) with
+    # weight 0.1; a weighted mean (sum of w * CE over the sum of w).
+    target_class = {(b, q): int(targets[b]["labels"][t]) for b, q, t in pairs}
+    num = den = 0.0
+    for b in range(2):
+        for q in range(3):
+            row = pred_logits[b, q].tolist()
+            c = target_class.get((b, q), K)
+            ce = math.log(sum(math.exp(v) for v in row)) - row[c]
+            weight = cfg.no_object_weight if c == K else 1.0
+            num, den = num + weight * ce, den + weight
+    assert losses["loss_ce"].item() == pytest.approx(num / den, rel=1e-5)
 
 
 def test_gradients_flow_to_logits_and_masks():

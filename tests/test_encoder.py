@@ -1,25 +1,31 @@
-"""The plan-driven deformable encoder (proscale.models.encoder) and its pixel decoder.
+"""The plan-driven deformable encoder (proscale.models.encoder).
 
-(a) plan (0, 0, 6), TRC off, conv output *is* Mask2Former's pixel decoder;
-(b) TRC's two layouts on hand-made tensors;
+(a) against an independent, naive PRO-SCALE encoder written here from docs/method.md (loops
+    over tokens, heads, levels and points with explicit bilinear interpolation; its own TRC,
+    resize and stage logic; it only takes the module's weights by name), including plan
+    (0, 0, 6) without TRC against the plain Mask2Former stage logic;
+(b) TRC's three layouts on hand-made tensors;
 (c) stage mechanics: sequence lengths, levels per layer, empty stages, RESIDUAL, validation.
+The whole pixel decoder with plan (0, 0, 6) is checked against transformers' Mask2Former in
+tests/test_hf_parity.py.
 """
+import math
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from proscale.config import EncoderConfig, apply_overrides
+from proscale.checkpoints.from_detectron2 import from_detectron2, infer_encoder, to_detectron2
+from proscale.config import EncoderConfig
 from proscale.models.encoder import DeformableEncoder, TokenRecalibration
 from proscale.models.pixel_decoder import build_pixel_decoder
 from proscale.presets import get_preset
 
-CHANNELS = {
-    "resnet18": {"res2": 64, "res3": 128, "res4": 256, "res5": 512},
-    "resnet50": {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048},
-}
 SHAPES = ((2, 3), (4, 6), (8, 12))  # res5, res4, res3 of a 64x96 input
 N5, N4, N3 = (h * w for h, w in SHAPES)
 SMALL = dict(d_model=32, n_heads=4, n_points=2, ffn_dim=64)
+NAIVE = dict(d_model=16, n_heads=2, n_points=2, ffn_dim=24)  # sizes the Python loops handle quickly
 
 
 def perturb(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> None:
@@ -28,12 +34,6 @@ def perturb(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=g) * std)
-
-
-def features(channels: dict, size=(64, 96), seed: int = 1) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
-    return {k: torch.randn(1, c, size[0] // strides[k], size[1] // strides[k], generator=g) for k, c in channels.items()}
 
 
 def reference_points_by_hand(shapes) -> torch.Tensor:
@@ -46,10 +46,10 @@ def reference_points_by_hand(shapes) -> torch.Tensor:
     return torch.tensor(rows)[None, :, None, :].expand(1, -1, len(shapes), 2)
 
 
-def encoder_inputs(d: int, seed: int = 2):
+def encoder_inputs(d: int, seed: int = 2, batch: int = 1):
     g = torch.Generator().manual_seed(seed)
-    tokens = [torch.randn(1, h * w, d, generator=g) for h, w in SHAPES]
-    pos = [torch.randn(1, h * w, d, generator=g) for h, w in SHAPES]
+    tokens = [torch.randn(batch, h * w, d, generator=g) for h, w in SHAPES]
+    pos = [torch.randn(batch, h * w, d, generator=g) for h, w in SHAPES]
     return tokens, pos
 
 
@@ -62,54 +62,198 @@ def record_layer_inputs(encoder: DeformableEncoder):
 
 
 # --------------------------------------------------------------------------------------------
-# (a) equivalence with Mask2Former's pixel decoder
+# (a) a naive reference encoder, from docs/method.md. One image at a time, float64; `sd` is the
+# module's state dict (weights taken by name only).
 # --------------------------------------------------------------------------------------------
-
-def baseline_pixel_decoder_by_hand(pd, feats):
-    """Mask2Former's pixel decoder written out: all tokens, every layer over three levels."""
-    srcs, pos, shapes = [], [], []
-    for lvl, name in enumerate(("res5", "res4", "res3")):
-        x = pd.input_proj[lvl](feats[name])
-        shapes.append(tuple(x.shape[-2:]))
-        srcs.append(x.flatten(2).transpose(1, 2))
-        pos.append(pd.pe_layer(x).flatten(2).transpose(1, 2) + pd.level_embed[lvl])
-    x, p = torch.cat(srcs, 1), torch.cat(pos, 1)
-    ref = reference_points_by_hand(shapes)
-    assert len(pd.encoder.layers) == 6
-    for layer in pd.encoder.layers:
-        x = layer(x, p, ref, tuple(shapes))
-    maps, start = [], 0
-    for h, w in shapes:
-        maps.append(x[:, start:start + h * w].transpose(1, 2).reshape(1, -1, h, w))
-        start += h * w
-    # Channels-last as the module runs it: convolution rounding depends on the memory format.
-    y = pd.adapter_1(feats["res2"].contiguous(memory_format=torch.channels_last))
-    y = y + F.interpolate(maps[-1], size=y.shape[-2:], mode="bilinear", align_corners=False)
-    return pd.mask_features(pd.layer_1(y)), maps
+CORNERS = Counter()  # bilinear corners read inside / outside the maps (zero padding)
 
 
-@pytest.mark.parametrize("baseline,proscale,backbone", [("m2f_tiny", "proscale_tiny_333", "resnet18"),
-                                                         ("m2f_r50", "proscale_r50_333", "resnet50")])
-def test_plan_006_without_trc_is_mask2former(baseline, proscale, backbone):
-    channels = CHANNELS[backbone]
-    base_cfg = get_preset(baseline)
-    cfg = apply_overrides(get_preset(proscale), ["encoder.plan=0,0,6", "encoder.trc=false", "encoder.output=conv"])
-    torch.manual_seed(0)
-    base = build_pixel_decoder(channels, base_cfg.encoder, base_cfg.decoder.mask_dim).eval()
-    perturb(base)
-    model = build_pixel_decoder(channels, cfg.encoder, cfg.decoder.mask_dim).eval()
-    model.load_state_dict(base.state_dict())  # strict: the same parameter names and shapes
-    feats = features(channels)
+def linear(x, sd, name):
+    return x @ sd[name + ".weight"].T + sd[name + ".bias"]
+
+
+def layer_norm(x, sd, name, eps=1e-5):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * sd[name + ".weight"] + sd[name + ".bias"]
+
+
+def bilinear(rows, h, w, x, y):
+    """Value at normalised (x, y) of a map stored as h*w row-major rows (D,); pixel centres at
+    ((j + 0.5) / w, (i + 0.5) / h); corners outside the map count as zero."""
+    px, py = x * w - 0.5, y * h - 0.5
+    x0, y0 = math.floor(px), math.floor(py)
+    fx, fy = px - x0, py - y0
+    out = torch.zeros_like(rows[0])
+    for yy, wy in ((y0, 1 - fy), (y0 + 1, fy)):
+        for xx, wx in ((x0, 1 - fx), (x0 + 1, fx)):
+            if 0 <= yy < h and 0 <= xx < w:
+                out += wy * wx * rows[yy * w + xx]
+                CORNERS["inside"] += 1
+            else:
+                CORNERS["outside"] += 1
+    return out
+
+
+def naive_msda(sd, prefix, query, value, shapes, n_heads, n_points):
+    """query (N, C) with position added, value (N, C): the same N tokens of `shapes`' levels."""
+    n, c = query.shape
+    d, n_levels = c // n_heads, len(shapes)
+    v = linear(value, sd, prefix + "value_proj")
+    offsets = linear(query, sd, prefix + "sampling_offsets").view(n, n_heads, n_levels, n_points, 2).tolist()
+    logits = linear(query, sd, prefix + "attention_weights").view(n, n_heads, n_levels * n_points)
+    weights = torch.exp(logits - logits.max(-1, keepdim=True).values)
+    weights = (weights / weights.sum(-1, keepdim=True)).view(n, n_heads, n_levels, n_points).tolist()
+    refs = [((j + 0.5) / w, (i + 0.5) / h) for h, w in shapes for i in range(h) for j in range(w)]
+    starts = [sum(h * w for h, w in shapes[:lv]) for lv in range(n_levels)]
+    levels = [[v[starts[lv] + t, m * d:(m + 1) * d] for t in range(h * w)]
+              for m in range(n_heads) for lv, (h, w) in enumerate(shapes)]
+    out = torch.zeros(n, c, dtype=v.dtype)
+    for q in range(n):
+        rx, ry = refs[q]
+        for m in range(n_heads):
+            for lv, (h, w) in enumerate(shapes):
+                for k in range(n_points):
+                    dx, dy = offsets[q][m][lv][k]
+                    sample = bilinear(levels[m * n_levels + lv], h, w, rx + dx / w, ry + dy / h)
+                    out[q, m * d:(m + 1) * d] += weights[q][m][lv][k] * sample
+    return linear(out, sd, prefix + "output_proj")
+
+
+def naive_layer(sd, i, x, pos, shapes, cfg):
+    p = f"layers.{i}."
+    x = layer_norm(x + naive_msda(sd, p + "self_attn.", x + pos, x, shapes, cfg.n_heads, cfg.n_points), sd, p + "norm1")
+    ffn = linear(linear(x, sd, p + "linear1").clamp(min=0), sd, p + "linear2")
+    return layer_norm(x + ffn, sd, p + "norm2")
+
+
+def naive_resize(img, h, w):
+    """(C, H, W) -> (C, h, w): bilinear with half-pixel centres, source positions below 0
+    clamped to 0 and the last row / column repeated (align_corners=False)."""
+    def taps(n_in, n_out):
+        out = []
+        for i in range(n_out):
+            src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+            i0 = min(int(src), n_in - 1)
+            out.append(((i0, 1 - (src - i0)), (min(i0 + 1, n_in - 1), src - i0)))
+        return out
+
+    res = torch.zeros(img.shape[0], h, w, dtype=img.dtype)
+    for i, rows in enumerate(taps(img.shape[1], h)):
+        for j, cols in enumerate(taps(img.shape[2], w)):
+            for yy, wy in rows:
+                for xx, wx in cols:
+                    res[:, i, j] += wy * wx * img[:, yy, xx]
+    return res
+
+
+def naive_trc(sd, tokens, size, t3, size3, layout, temperature):
+    """tokens (h*w, C) gated by scores from t3 (H3*W3, C) (docs/method.md, TRC and its layouts)."""
+    (h, w), (h3, w3) = size, size3
+    c = t3.shape[1]
+    memory = t3.reshape(-1)  # the (N3, C) token matrix in memory order
+    fine = torch.zeros(c, h3, w3, dtype=t3.dtype)
+    for ch in range(c):
+        for y in range(h3):
+            for x in range(w3):
+                if layout == "spatial":  # the true map: channel ch of token (y, x)
+                    fine[ch, y, x] = t3[y * w3 + x, ch]
+                else:  # the raw view: memory entry ch*H3*W3 + y*W3 + x
+                    fine[ch, y, x] = memory[ch * h3 * w3 + y * w3 + x]
+    small = naive_resize(fine, h, w)
+    small_memory = small.reshape(-1)
+    weight, bias = sd["trc.score.weight"].reshape(-1), sd["trc.score.bias"]
+    gates = []
+    for t in range(h * w):
+        y, x = divmod(t, w)
+        if layout == "official":  # a raw reshape to rows: C consecutive memory entries
+            feature = small_memory[t * c:(t + 1) * c]
+        else:  # "spatial" and "official_conv": the channel column at map position (y, x)
+            feature = small[:, y, x]
+        gates.append(torch.sigmoid(temperature * (feature @ weight + bias)))
+    return tokens * torch.stack(gates).view(-1, 1)
+
+
+def naive_proscale_encoder(sd, cfg, tokens, pos, shapes):
+    """The stage logic of docs/method.md ("PRO-SCALE: stages and the layer plan", RESIDUAL)."""
+    outputs = []
+    for b in range(tokens[0].shape[0]):
+        t = [x[b].double() for x in tokens]
+        p = [x[b].double() for x in pos]
+        joined = list(t)
+        if cfg.trc:
+            joined[0] = naive_trc(sd, t[0], shapes[0], t[2], shapes[2], cfg.trc_layout, cfg.trc_temperature)
+            joined[1] = naive_trc(sd, t[1], shapes[1], t[2], shapes[2], cfg.trc_layout, cfg.trc_temperature)
+        x, i = None, 0
+        for stage, n_layers in enumerate(cfg.plan):
+            x = joined[0] if x is None else torch.cat((x, joined[stage]))
+            levels = stage + 1
+            for _ in range(n_layers):
+                x = naive_layer(sd, i, x, torch.cat(p[:levels]), shapes[:levels], cfg)
+                i += 1
+                if cfg.residual and stage < 2:
+                    x = x + torch.cat(joined[:levels])
+        outputs.append(x)
+    return torch.stack(outputs)
+
+
+def naive_mask2former_encoder(sd, cfg, tokens, pos, shapes):
+    """Mask2Former's encoder: every token from the start, every layer over all three levels."""
+    outputs = []
+    for b in range(tokens[0].shape[0]):
+        x = torch.cat([t[b] for t in tokens]).double()
+        p = torch.cat([q[b] for q in pos]).double()
+        for i in range(cfg.plan[2]):
+            x = naive_layer(sd, i, x, p, shapes, cfg)
+        outputs.append(x)
+    return torch.stack(outputs)
+
+
+def encoder_and_weights(cfg, seed=0):
+    torch.manual_seed(seed)
+    enc = DeformableEncoder(cfg).eval()
+    perturb(enc, std=0.1, seed=seed)
+    return enc, {k: v.double() for k, v in enc.state_dict().items()}
+
+
+@pytest.mark.parametrize("layout", ["spatial", "official", "official_conv"])
+@pytest.mark.parametrize("plan", [(1, 1, 1), (3, 3, 3), (2, 0, 4)])
+def test_encoder_equals_naive_reference(plan, layout):
+    cfg = EncoderConfig(plan=plan, trc=True, trc_temperature=0.5, trc_layout=layout, residual=True, **NAIVE)
+    enc, sd = encoder_and_weights(cfg)
+    tokens, pos = encoder_inputs(cfg.d_model, batch=2)
+    CORNERS.clear()
     with torch.no_grad():
-        mf_base, maps_base = base(feats)
-        mf, maps = model(feats)
-        mf_hand, maps_hand = baseline_pixel_decoder_by_hand(model, feats)
-    assert mf.shape == (1, cfg.decoder.mask_dim, 16, 24)
-    assert (mf - mf_base).abs().max() <= 1e-6
-    assert (mf - mf_hand).abs().max() <= 1e-6
-    for a, b, c in zip(maps, maps_base, maps_hand):
-        assert a.shape == b.shape == c.shape
-        assert (a - b).abs().max() <= 1e-6 and (a - c).abs().max() <= 1e-6
+        y = enc(tokens, pos, SHAPES)
+    expected = naive_proscale_encoder(sd, cfg, tokens, pos, SHAPES)
+    assert y.shape == expected.shape == (2, N5 + N4 + N3, cfg.d_model)
+    assert (y.double() - expected).abs().max() <= 1e-5
+    assert CORNERS["inside"] > 0 and CORNERS["outside"] > 0  # zero padding was exercised
+    if plan != (1, 1, 1):
+        return
+    # The reference is sensitive to what it checks: without RESIDUAL, or with another TRC
+    # layout, it gives other outputs.
+    for change in (dict(residual=False), dict(trc_layout="spatial" if layout != "spatial" else "official")):
+        other = EncoderConfig(**{**vars(cfg), **change})
+        assert (naive_proscale_encoder(sd, other, tokens, pos, SHAPES) - expected).abs().max() > 1e-3
+
+
+def test_plan_006_without_trc_equals_naive_mask2former():
+    cfg = EncoderConfig(plan=(0, 0, 6), **NAIVE)
+    enc, sd = encoder_and_weights(cfg, seed=1)
+    tokens, pos = encoder_inputs(cfg.d_model, seed=3)
+    with torch.no_grad():
+        y = enc(tokens, pos, SHAPES)
+    assert (y.double() - naive_mask2former_encoder(sd, cfg, tokens, pos, SHAPES)).abs().max() <= 1e-5
+
+
+def test_naive_resize_is_bilinear_half_pixel():
+    # Not F.interpolate's code: its rule, checked on values a hand can follow. 1x4 -> 1x2
+    # averages pairs; 1x2 -> 1x4 puts samples at 0.25 / 0.75 of a pixel, clamped at the edges.
+    row = torch.tensor([[[0.0, 2.0, 4.0, 8.0]]], dtype=torch.float64)
+    assert naive_resize(row, 1, 2).flatten().tolist() == [1.0, 6.0]
+    up = naive_resize(torch.tensor([[[0.0, 4.0]]], dtype=torch.float64), 1, 4)
+    assert up.flatten().tolist() == [0.0, 1.0, 3.0, 4.0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,23 +263,27 @@ def test_plan_006_without_trc_is_mask2former(baseline, proscale, backbone):
 def trc_with_weight(weight, layout: str, temperature: float = 1.0, bias: float = 0.0) -> TokenRecalibration:
     trc = TokenRecalibration(len(weight), temperature, layout)
     with torch.no_grad():
-        trc.score.weight.copy_(torch.tensor([weight], dtype=torch.float32))
+        trc.score.weight.copy_(torch.tensor([weight], dtype=torch.float32).view_as(trc.score.weight))
         trc.score.bias.fill_(bias)
     return trc
 
 
-def test_trc_official_layout_hand_example():
+def test_trc_layouts_hand_example():
     # t3: 8 tokens (a 2x4 map) of 2 channels, token k = (2k, 2k+1): memory 0, 1, ..., 15.
     t3 = torch.arange(16, dtype=torch.float32).view(1, 8, 2)
     gated = torch.ones(1, 2, 2)  # a 1x2 map to gate
-    # Official: raw view (1, 2, 2, 4) reads memory in order, so "channel 0" is the map
-    # [[0, 1, 2, 3], [4, 5, 6, 7]] and "channel 1" is [[8..11], [12..15]]. Halving the size
-    # (bilinear, align_corners=False, exactly 2x) averages 2x2 blocks: channel 0 -> [2.5, 4.5],
-    # channel 1 -> [10.5, 12.5]; the raw reshape (1, 2, 2) gives tokens (2.5, 4.5), (10.5, 12.5).
-    # Score = channel 0 of each: 2.5 and 10.5.
+    # Raw view (1, 2, 2, 4) reads memory in order, so "channel 0" is the map [[0, 1, 2, 3],
+    # [4, 5, 6, 7]] and "channel 1" is [[8..11], [12..15]]. Halving the size (bilinear,
+    # align_corners=False, exactly 2x) averages 2x2 blocks: channel 0 -> [2.5, 4.5],
+    # channel 1 -> [10.5, 12.5].
+    # Official: the raw reshape (1, 2, 2) gives rows (2.5, 4.5), (10.5, 12.5); score = entry 0.
     out = trc_with_weight([1.0, 0.0], "official")(gated, (1, 2), t3, (2, 4))
     assert torch.allclose(out[0, :, 0], torch.sigmoid(torch.tensor([2.5, 10.5])))
     assert torch.allclose(out[0, :, 1], out[0, :, 0])  # one gate per token, broadcast over channels
+    # Official conv: the 1x1 conv reads channel 0 at each map position: 2.5, 4.5.
+    conv = trc_with_weight([1.0, 0.0], "official_conv")
+    assert conv.score.weight.shape == (1, 2, 1, 1)
+    assert torch.allclose(conv(gated, (1, 2), t3, (2, 4))[0, :, 0], torch.sigmoid(torch.tensor([2.5, 4.5])))
     # Spatial: coarse token 0 covers fine tokens 0, 1, 4, 5 -> channel 0 mean(0, 2, 8, 10) = 5;
     # coarse token 1 covers 2, 3, 6, 7 -> mean(4, 6, 12, 14) = 9.
     out = trc_with_weight([1.0, 0.0], "spatial")(gated, (1, 2), t3, (2, 4))
@@ -148,27 +296,34 @@ def test_trc_layouts_against_explicit_construction(size):
     B, C, size3 = 2, 8, (6, 10)
     t3 = torch.randn(B, size3[0] * size3[1], C)
     tokens = torch.randn(B, size[0] * size[1], C)
-    official = TokenRecalibration(C, 0.1, "official")
-    spatial = TokenRecalibration(C, 0.1, "spatial")
-    spatial.load_state_dict(official.state_dict())
-    w, b = official.score.weight, official.score.bias
-
-    def gate(fine_tokens):
-        return torch.sigmoid(0.1 * (fine_tokens @ w.t() + b))
-
-    # Official: raw view to (B, C, H3, W3), resize, raw reshape back to (B, N, C).
-    fine = F.interpolate(t3.view(B, C, *size3), size=size, mode="bilinear", align_corners=False)
-    expected_official = tokens * gate(fine.reshape(B, size[0] * size[1], C))
-    # Spatial: a transpose makes the real (B, C, H3, W3) map, and one brings it back.
-    fine = F.interpolate(t3.transpose(1, 2).reshape(B, C, *size3), size=size, mode="bilinear", align_corners=False)
-    expected_spatial = tokens * gate(fine.flatten(2).transpose(1, 2))
+    trcs = {layout: TokenRecalibration(C, 0.1, layout) for layout in ("official", "spatial", "official_conv")}
+    trcs["spatial"].load_state_dict(trcs["official"].state_dict())
+    w, b = trcs["official"].score.weight, trcs["official"].score.bias
     with torch.no_grad():
-        assert torch.allclose(official(tokens, size, t3, size3), expected_official, atol=1e-6)
-        assert torch.allclose(spatial(tokens, size, t3, size3), expected_spatial, atol=1e-6)
-        if size == size3:  # no resize: the raw view and reshape cancel, both layouts agree
-            assert torch.allclose(expected_official, expected_spatial, atol=1e-6)
-        else:
-            assert not torch.allclose(expected_official, expected_spatial)
+        trcs["official_conv"].score.weight.copy_(w.view(1, C, 1, 1))
+        trcs["official_conv"].score.bias.copy_(b)
+
+    def gate(scores):
+        return torch.sigmoid(0.1 * scores)
+
+    raw = F.interpolate(t3.view(B, C, *size3), size=size, mode="bilinear", align_corners=False)
+    real = F.interpolate(t3.transpose(1, 2).reshape(B, C, *size3), size=size, mode="bilinear", align_corners=False)
+    expected = {
+        # raw view in, raw reshape to (B, N, C) rows out, Linear on the rows
+        "official": tokens * gate(raw.reshape(B, -1, C) @ w.t() + b),
+        # raw view in, 1x1 conv on the map, its (B, 1, h, w) output flattened in row-major order
+        "official_conv": tokens * gate(F.conv2d(raw, w.view(1, C, 1, 1), b).view(B, -1, 1)),
+        # the true map in and out, Linear on each position's channels
+        "spatial": tokens * gate(real.flatten(2).transpose(1, 2) @ w.t() + b),
+    }
+    with torch.no_grad():
+        for layout, trc in trcs.items():
+            assert torch.allclose(trc(tokens, size, t3, size3), expected[layout], atol=1e-6), layout
+    if size == size3:  # no resize: the raw view and reshape cancel, "official" is "spatial"
+        assert torch.allclose(expected["official"], expected["spatial"], atol=1e-6)
+    else:
+        assert not torch.allclose(expected["official"], expected["spatial"])
+    assert not torch.allclose(expected["official_conv"], expected["official"])  # other grouping
 
 
 def test_trc_spatial_gate_follows_position():
@@ -187,9 +342,41 @@ def test_trc_spatial_gate_follows_position():
     i, j = torch.meshgrid(torch.arange(2.0), torch.arange(3.0), indexing="ij")
     assert torch.allclose(half_rows[0, :, 0], torch.sigmoid(T * (2 * i + 0.5)).reshape(-1))
     assert torch.allclose(half_cols[0, :, 0], torch.sigmoid(T * (2 * j + 0.5)).reshape(-1))
-    # The official layout mixes space and channels: its gates do not follow the rows.
-    scrambled = trc_with_weight([1.0, 0.0], "official", T)(torch.ones(1, 6, 2), (2, 3), t3, (h3, w3))
-    assert not torch.allclose(scrambled, half_rows)
+    # The official layouts mix space and channels: their gates do not follow the rows.
+    for layout in ("official", "official_conv"):
+        scrambled = trc_with_weight([1.0, 0.0], layout, T)(torch.ones(1, 6, 2), (2, 3), t3, (h3, w3))
+        assert not torch.allclose(scrambled, half_rows)
+
+
+@pytest.mark.parametrize("layout", ["official", "official_conv"])
+def test_converted_trc_weight_picks_its_layout(layout):
+    """The authors' checkpoints hold a Linear (1, C) or a 1x1 conv (1, C, 1, 1) TRC weight:
+    conversion must pick the layout that gates as that op did, whatever the caller assumed."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig(plan=(1, 1, 1), trc=True, trc_temperature=0.1, trc_layout=layout, d_model=32,
+                        n_heads=8, n_points=4, ffn_dim=64)
+    enc = DeformableEncoder(cfg).eval()
+    perturb(enc)
+    ours = {f"pixel_decoder.encoder.{k}": v for k, v in enc.state_dict().items()}
+    ours["pixel_decoder.level_embed"] = torch.zeros(3, cfg.d_model)
+    official = to_detectron2(ours)
+    weight = official["sem_seg_head.pixel_decoder.transformer.encoder.token_excite.ops.weight"]
+    assert weight.shape == ((1, 32, 1, 1) if layout == "official_conv" else (1, 32))
+    converted = from_detectron2(official)
+    assert converted["pixel_decoder.encoder.trc.score.weight"].shape == weight.shape  # kept as it is
+    for asked in (None, "official", "official_conv"):
+        assert infer_encoder(converted, trc_layout=asked).trc_layout == layout
+    # A Linear weight also fits "spatial"; a conv weight fits nothing but "official_conv".
+    expected = "spatial" if layout == "official" else "official_conv"
+    assert infer_encoder(converted, trc_layout="spatial").trc_layout == expected
+    inferred = infer_encoder(converted)
+    assert (inferred.plan, inferred.trc, inferred.trc_temperature) == ((1, 1, 1), True, 0.1)
+    rebuilt = DeformableEncoder(inferred).eval()
+    prefix = "pixel_decoder.encoder."
+    rebuilt.load_state_dict({k[len(prefix):]: v for k, v in converted.items() if k.startswith(prefix)})
+    tokens, pos = encoder_inputs(cfg.d_model)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(tokens, pos, SHAPES), enc(tokens, pos, SHAPES))
 
 
 def test_trc_layout_validation():
@@ -197,7 +384,7 @@ def test_trc_layout_validation():
         TokenRecalibration(8, 1.0, "transposed")
 
 
-@pytest.mark.parametrize("layout", ["spatial", "official"])
+@pytest.mark.parametrize("layout", ["spatial", "official", "official_conv"])
 def test_trc_in_encoder_gates_res5_and_res4_only(layout):
     torch.manual_seed(0)
     cfg = EncoderConfig(plan=(1, 1, 1), trc=True, trc_temperature=0.1, trc_layout=layout, **SMALL)
@@ -293,25 +480,33 @@ def test_empty_stage_does_nothing():
     assert (y - x).abs().max() <= 1e-6
 
 
-def test_residual_adds_the_stage_input():
+def test_residual_adds_the_gated_input_tokens():
+    """Stage 2 adds concat(TRC(t5), TRC(t4)) back, not the stage-1 output that entered it."""
     torch.manual_seed(0)
-    cfg = EncoderConfig(plan=(2, 1, 1), residual=True, **SMALL)
+    cfg = EncoderConfig(plan=(2, 2, 1), trc=True, residual=True, **SMALL)
     enc = DeformableEncoder(cfg).eval()
     perturb(enc)
     tokens, pos = encoder_inputs(cfg.d_model)
+    t5, t4, t3 = tokens
     L = enc.layers
     with torch.no_grad():
         y = enc(tokens, pos, SHAPES)
-        s1 = tokens[0]
-        x = L[0](s1, pos[0], ref_of(1), SHAPES[:1]) + s1
-        x = L[1](x, pos[0], ref_of(1), SHAPES[:1]) + s1
-        s2 = torch.cat((x, tokens[1]), 1)
-        x = L[2](s2, torch.cat(pos[:2], 1), ref_of(2), SHAPES[:2]) + s2
-        x = L[3](torch.cat((x, tokens[2]), 1), torch.cat(pos, 1), ref_of(3), SHAPES)  # stage 3: none
-        enc.cfg.residual = False
-        y_plain = enc(tokens, pos, SHAPES)
+        g5, g4 = enc.trc(t5, SHAPES[0], t3, SHAPES[2]), enc.trc(t4, SHAPES[1], t3, SHAPES[2])
+        x = L[0](g5, pos[0], ref_of(1), SHAPES[:1]) + g5
+        x = L[1](x, pos[0], ref_of(1), SHAPES[:1]) + g5
+        stage1_out = x
+        x = torch.cat((x, g4), 1)
+        gated = torch.cat((g5, g4), 1)
+        x = L[2](x, torch.cat(pos[:2], 1), ref_of(2), SHAPES[:2]) + gated
+        x = L[3](x, torch.cat(pos[:2], 1), ref_of(2), SHAPES[:2]) + gated
+        x = L[4](torch.cat((x, t3), 1), torch.cat(pos, 1), ref_of(3), SHAPES)  # stage 3: none
+        # What "add back the stage's input sequence" would give instead.
+        s2 = torch.cat((stage1_out, g4), 1)
+        z = L[2](s2, torch.cat(pos[:2], 1), ref_of(2), SHAPES[:2]) + s2
+        z = L[3](z, torch.cat(pos[:2], 1), ref_of(2), SHAPES[:2]) + s2
+        z = L[4](torch.cat((z, t3), 1), torch.cat(pos, 1), ref_of(3), SHAPES)
     assert (y - x).abs().max() <= 1e-5
-    assert (y - y_plain).abs().max() > 1e-3
+    assert (y - z).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("plan", [(0, 0, 0), (1, -1, 1), (1, 1), (1, 1, 1, 1)])
@@ -323,4 +518,4 @@ def test_plan_validation(plan):
 def test_output_validation():
     cfg = EncoderConfig(output="fpn", **SMALL)
     with pytest.raises(ValueError, match="output"):
-        build_pixel_decoder(CHANNELS["resnet18"], cfg, 32)
+        build_pixel_decoder({"res2": 64, "res3": 128, "res4": 256, "res5": 512}, cfg, 32)

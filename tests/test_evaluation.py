@@ -407,6 +407,76 @@ def test_mask_ap_from_instances_json(tmp_path):
     assert ev.evaluate()["AP"] == pytest.approx(100)
 
 
+def mask_bbox(m: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(m)
+    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+
+
+def coco_ap_by_hand(hits: list[bool], num_gt: int) -> float:
+    """COCO's AP at one IoU threshold: detections in score order (True = matched a ground
+    truth), precision made non-increasing from the right, read at recall 0, 0.01, ..., 1 (the
+    first detection reaching each recall level; 0 beyond the last recall reached), averaged."""
+    tp = np.cumsum(hits)
+    recall = tp / num_gt
+    precision = tp / np.arange(1, len(hits) + 1)
+    envelope = [max(precision[i:]) for i in range(len(hits))]
+    total = 0.0
+    for r in range(101):
+        reached = [i for i in range(len(hits)) if recall[i] >= r / 100 - 1e-12]
+        total += envelope[reached[0]] if reached else 0.0
+    return total / 101
+
+
+def test_mask_ap_hand_computed(tmp_path):
+    """Two person masks A and B (10x10 squares); three detections with known IoUs:
+    0.9 -> 82 pixels inside A (IoU 0.82), 0.6 -> a square on nothing, 0.3 -> 62 pixels inside B
+    (IoU 0.62). At IoU thresholds 0.50, 0.55, 0.60 the hits are [T, F, T]; at 0.65 .. 0.80
+    [T, F, F]; at 0.85, 0.90, 0.95 none. With 101-point interpolation:
+      [T, F, T]: precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1 -> envelope 1, 2/3, 2/3;
+                 recall 0 .. 0.50 (51 points) read 1, 0.51 .. 1 (50 points) read 2/3:
+                 AP = (51 + 100/3) / 101 = 253/303
+      [T, F, F]: 51 points at precision 1, the rest 0: AP = 51/101
+    AP = (3 * 253/303 + 4 * 51/101) / 10 = 457/1010 = 45.2475%, AP50 = 83.498%, AP75 = 50.495%.
+    """
+    H, W = 40, 40
+    a, b, nothing = (np.zeros((H, W), bool) for _ in range(3))
+    a[0:10, 0:10] = True
+    b[20:30, 20:30] = True
+    nothing[30:40, 0:10] = True
+    p1, p3 = np.zeros((H, W), bool), np.zeros((H, W), bool)
+    p1[0:8, 0:10] = True
+    p1[8, 0:2] = True  # 82 pixels of A
+    p3[20:26, 20:30] = True
+    p3[26, 20:22] = True  # 62 pixels of B
+    assert (p1.sum(), p3.sum()) == (82, 62)
+    anns = [{"id": k + 1, "image_id": 1, "category_id": 1, "segmentation": encode_masks(m[None])[0],
+             "area": int(m.sum()), "bbox": mask_bbox(m), "iscrowd": 0} for k, m in enumerate((a, b))]
+    js = {"images": [{"id": 1, "height": H, "width": W, "file_name": "1.jpg"}], "annotations": anns,
+          "categories": [{"id": c["id"], "name": c["name"]} for c in CATS if c["isthing"]]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(js))
+    ev = InstanceEvaluator(instances_json=str(path), categories=CATS)
+    ev.process(1, np.stack([p1, nothing, p3]), np.array([0.9, 0.6, 0.3]), np.full(3, CONTIG[1]))
+    r = ev.evaluate()
+
+    per_threshold = {t: coco_ap_by_hand([0.82 >= t, False, 0.62 >= t], num_gt=2)
+                     for t in np.linspace(0.5, 0.95, 10)}
+    assert per_threshold[0.5] == pytest.approx(253 / 303) and per_threshold[0.75] == pytest.approx(51 / 101)
+    assert np.mean(list(per_threshold.values())) == pytest.approx(457 / 1010)
+    assert r["AP"] == pytest.approx(100 * 457 / 1010, rel=1e-6)
+    assert r["AP50"] == pytest.approx(100 * 253 / 303, rel=1e-6)
+    assert r["AP75"] == pytest.approx(100 * 51 / 101, rel=1e-6)
+    assert r["APs"] == pytest.approx(r["AP"]) and math.isnan(r["APm"]) and math.isnan(r["APl"])  # areas < 32^2
+    assert r["per_class"]["person"] == pytest.approx(r["AP"])
+    # Scores decide the order: the empty detection last makes every threshold's precision
+    # higher and AP50 perfect.
+    ev.reset()
+    ev.process(1, np.stack([p1, nothing, p3]), np.array([0.9, 0.1, 0.3]), np.full(3, CONTIG[1]))
+    r = ev.evaluate()
+    assert r["AP50"] == pytest.approx(100) and r["AP75"] == pytest.approx(100 * 51 / 101, rel=1e-6)
+    assert r["AP"] == pytest.approx(100 * (3 + 4 * 51 / 101) / 10, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------- semantic
 def test_semantic_hand_computed():
     ev = SemanticEvaluator(4, ignore_label=255, class_names=["a", "b", "c", "d"])

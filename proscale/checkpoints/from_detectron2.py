@@ -9,7 +9,8 @@ What maps (official -> proscale):
   sem_seg_head.pixel_decoder.transformer.encoder.layers.i.*   -> pixel_decoder.encoder.layers.i.*
   sem_seg_head.pixel_decoder.transformer.encoder.token_excite.ops.{weight,bias}
                                                               -> pixel_decoder.encoder.trc.score.*
-      (a Linear (1, C) or a 1x1 conv (1, C, 1, 1): both become the Linear)
+      (a Linear (1, C) or a 1x1 conv (1, C, 1, 1), kept as they are: the conv gates differently
+      and infer_config gives it the "official_conv" TRC layout)
   sem_seg_head.pixel_decoder.{input_proj,adapter_1,layer_1,mask_features}.* -> pixel_decoder.* (same)
   sem_seg_head.predictor.*                                    -> transformer_decoder.* (same names)
   ResNet: backbone.stem.conv1[.norm] -> backbone.body.conv1 / bn1; backbone.res{2..5}.b.conv{k}[.norm]
@@ -138,8 +139,6 @@ def from_detectron2_report(state: Mapping[str, Any]) -> tuple[dict[str, torch.Te
             unmapped.append(raw_key)
             continue
         tensor = _as_tensor(value, raw_key)
-        if new.endswith("trc.score.weight") and tensor.dim() == 4:  # 1x1 conv (1, C, 1, 1) -> Linear (1, C)
-            tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])
         if new in out:
             raise CheckpointError(f"two checkpoint keys map to {new} (one is {raw_key})")
         out[new] = tensor
@@ -302,6 +301,14 @@ def infer_encoder(state: Mapping[str, Any], base=None, trc_layout: str | None = 
         enc.trc_layout = trc_layout
     elif base is None and enc.trc:
         enc.trc_layout = "official"  # released weights were trained with it
+    if enc.trc:
+        # The weight's shape tells the authors' two TRC variants apart: a (1, C, 1, 1) 1x1 conv
+        # scores the raw-viewed map along its channels, which only "official_conv" computes; a
+        # (1, C) Linear cannot be loaded into it (docs/method.md, "Token Re-Calibration (TRC)").
+        if len(_shape(state, f"{PD}encoder.trc.score.weight")) == 4:
+            enc.trc_layout = "official_conv"
+        elif enc.trc_layout == "official_conv":
+            enc.trc_layout = "official"
     enc.output = "conv" if f"{PD}layer_1.weight" in state else "lpe"
     return enc
 
@@ -326,7 +333,8 @@ def infer_config(state: Mapping[str, Any], base=None, trc_layout: str | None = N
     From the weights: backbone (ResNet-18..152, Swin T/S/B/L), encoder plan, d_model, FFN width,
     n_points, TRC on/off, LPE or conv, decoder queries / layers / widths, number of classes.
     Not in the weights, so taken from `base` (default: the released settings): attention heads
-    (8), TRC temperature (0.1 when TRC is present), TRC layout ("official" by default), residual
+    (8), TRC temperature (0.1 when TRC is present), TRC layout ("official" by default; a 1x1-conv
+    TRC weight (1, C, 1, 1) always gives "official_conv", a Linear one never does), residual
     (off), pixel mean / std, drop-path.
     """
     from proscale.config import ModelConfig

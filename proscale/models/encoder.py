@@ -8,9 +8,10 @@ A plan (P1, P2, P3) runs
     stage 3: P3 layers on  x = concat(x, t3)              (3 levels)
 
 so early layers see only the coarse tokens (progressive token length scaling, Aich et al.,
-arXiv 2404.14657). Mask2Former's encoder is the plan (0, 0, 6) without TRC: all tokens join
-before the first layer. Each layer has its own weights and samples only the levels that are
-already in the sequence.
+arXiv 2404.14657; docs/method.md, "PRO-SCALE: stages and the layer plan"). Mask2Former's
+encoder is the plan (0, 0, 6) without TRC: all tokens join before the first layer
+(docs/method.md, "Equivalence with Mask2Former"). Each layer has its own weights and samples
+only the levels that are already in the sequence.
 """
 from __future__ import annotations
 
@@ -45,41 +46,52 @@ class EncoderLayer(nn.Module):
         return x
 
 
+TRC_LAYOUTS = ("spatial", "official", "official_conv")
+
+
 class TokenRecalibration(nn.Module):
     """TRC: gates coarse tokens with a score computed from the fine (res3) tokens.
 
-    One `Linear(C -> 1)` shared by res5 and res4. The res3 tokens are resized bilinearly to the
-    gated scale's map size, scored, and `sigmoid(temperature * score)` scales each token.
+    One score op shared by res5 and res4 (docs/method.md, "Token Re-Calibration (TRC)"). The
+    res3 tokens are resized bilinearly to the gated scale's map size, scored, and
+    `sigmoid(temperature * score)` scales each token. The layouts differ in how the res3 tokens
+    become a map and the resized map becomes one score per token:
 
-    layout="spatial": tokens (B, N3, C) become a (B, C, H3, W3) map by a transpose (what the
-    paper describes). layout="official": by a raw `view(B, C, H3, W3)` and back by a raw
-    `reshape(B, N, C)`, which mixes space and channels: the authors' released weights were
-    trained that way, so it is needed to reproduce them.
+    - "spatial": a transpose makes the real (B, C, H3, W3) map, and `score` = Linear(C -> 1)
+      reads each position's C channels (what the paper describes).
+    - "official": a raw `view(B, C, H3, W3)` (no transpose) makes the map and a raw
+      `reshape(B, h*w, C)` turns the resized map back into rows, which `score` = Linear(C -> 1)
+      reads: rows mix space and channels. The authors' Linear-TRC weights were trained so.
+    - "official_conv": the same raw view, but `score` = Conv2d(C, 1, 1) reads the resized
+      (B, C, h, w) map along its dim 1, one score per map position in row-major order: how the
+      authors' 1x1-conv TRC variant gates (a different grouping from "official"). Its weight
+      is (1, C, 1, 1), as in their checkpoints.
     """
 
     def __init__(self, d_model: int, temperature: float = 1.0, layout: str = "spatial"):
         super().__init__()
-        if layout not in ("spatial", "official"):
-            raise ValueError(f"trc_layout must be 'spatial' or 'official', got {layout!r}")
-        self.score = nn.Linear(d_model, 1)
+        if layout not in TRC_LAYOUTS:
+            raise ValueError(f"trc_layout must be one of {TRC_LAYOUTS}, got {layout!r}")
+        self.score = nn.Conv2d(d_model, 1, 1) if layout == "official_conv" else nn.Linear(d_model, 1)
         self.temperature, self.layout = temperature, layout
 
     def forward(self, tokens: torch.Tensor, size: tuple[int, int], t3: torch.Tensor,
                 size3: tuple[int, int]) -> torch.Tensor:
-        """tokens: (B, H*W, C) to gate; t3: (B, H3*W3, C) -> (B, H*W, C)."""
+        """tokens: (B, h*w, C) to gate; t3: (B, H3*W3, C) -> (B, h*w, C)."""
         B, N3, C = t3.shape
         (h, w), (h3, w3) = size, size3
         if self.layout == "spatial":
             fine = t3.transpose(1, 2).reshape(B, C, h3, w3)
         else:
-            fine = t3.reshape(B, C, h3, w3)
+            fine = t3.reshape(B, C, h3, w3)  # the raw view: memory order, no transpose
         fine = F.interpolate(fine, size=(h, w), mode="bilinear", align_corners=False)
         if self.layout == "spatial":
-            fine = fine.flatten(2).transpose(1, 2)
+            score = self.score(fine.flatten(2).transpose(1, 2))  # (B, h*w, 1)
+        elif self.layout == "official":
+            score = self.score(fine.reshape(B, h * w, C))  # raw reshape: (B, h*w, 1)
         else:
-            fine = fine.reshape(B, h * w, C)
-        gate = torch.sigmoid(self.temperature * self.score(fine))  # (B, H*W, 1)
-        return tokens * gate
+            score = self.score(fine).flatten(2).transpose(1, 2)  # (B, 1, h, w) -> (B, h*w, 1)
+        return tokens * torch.sigmoid(self.temperature * score)
 
 
 def reference_points(spatial_shapes: SpatialShapes, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -128,7 +140,7 @@ class DeformableEncoder(nn.Module):
         return [stage + 1 for stage, count in enumerate(self.plan) for _ in range(count)]
 
     def _reference_points(self, spatial_shapes: SpatialShapes, like: torch.Tensor) -> torch.Tensor:
-        # Built once per input size: no per-call host-to-device copies (see shared/notes/GPU.md).
+        # Built once per input size: no per-call host-to-device copies (see constant_cache.py).
         key = (spatial_shapes, like.device, like.dtype)
         return self._ref_cache.get(key, lambda: reference_points(spatial_shapes, like.device, like.dtype))
 
@@ -137,11 +149,13 @@ class DeformableEncoder(nn.Module):
         full_ref = self._reference_points(tuple(spatial_shapes), t3)
         counts = [h * w for h, w in spatial_shapes]
         x = None
+        joined = []  # each scale's tokens as they joined the sequence: TRC(t5), TRC(t4), t3
         layers = iter(self.layers)
         for stage, n_layers in enumerate(self.plan):
             new = tokens[stage]
             if self.trc is not None and stage < 2:
                 new = self.trc(new, spatial_shapes[stage], t3, spatial_shapes[2])
+            joined.append(new)
             x = new if x is None else torch.cat((x, new), dim=1)
             if n_layers == 0:
                 continue
@@ -151,9 +165,13 @@ class DeformableEncoder(nn.Module):
             # Pixel centres do not depend on which levels are sampled: slice the full table.
             ref = full_ref[:, :n, :levels]
             p = torch.cat(pos[:levels], dim=1) if levels > 1 else pos[0]
-            stage_input = x
+            # RESIDUAL adds back the gated input tokens of the scales present, not the stage's
+            # input sequence (whose res5 part is already the stage-1 output): docs/method.md, "RESIDUAL".
+            residual = None
+            if self.cfg.residual and stage < 2:
+                residual = torch.cat(joined, dim=1) if levels > 1 else joined[0]
             for _ in range(n_layers):
                 x = next(layers)(x, p, ref, shapes)
-                if self.cfg.residual and stage < 2:
-                    x = x + stage_input
+                if residual is not None:
+                    x = x + residual
         return x

@@ -1,4 +1,10 @@
-"""Pixel decoder: input projections -> deformable encoder -> FPN step to stride 4 -> mask features."""
+"""Pixel decoder: input projections -> deformable encoder -> FPN step to stride 4 -> mask features.
+
+Mask2Former's pixel decoder (docs/method.md, "The baseline: Mask2Former's pixel decoder") with
+PRO-SCALE's two changes behind config switches: the plan-driven encoder (models/encoder.py) and
+the Light Pixel Embedding in place of the stride-4 3x3 conv (docs/method.md, "Light Pixel
+Embedding (LPE)").
+"""
 from __future__ import annotations
 
 import torch
@@ -26,7 +32,9 @@ class ConvNorm(nn.Conv2d):
 
 
 class LightPixelEmbedding(nn.Module):
-    """LPE: MaxPool(3, stride 1) -> GroupNorm(32) -> ReLU; replaces the 3x3 stride-4 conv."""
+    """LPE: MaxPool(3, stride 1) -> GroupNorm(32) -> ReLU; replaces the 3x3 stride-4 conv, the
+    most expensive op of the baseline pixel decoder (docs/method.md, "Light Pixel Embedding (LPE)").
+    (B, C, H, W) -> (B, C, H, W)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -40,6 +48,10 @@ class LightPixelEmbedding(nn.Module):
 class PixelDecoder(nn.Module):
     """forward(features) with features {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)}
     returns (mask_features (B, mask_dim, H/4, W/4), [res5, res4, res3] encoder maps (B, C, H_l, W_l)).
+
+    Position encodings (sine, d/2 channels per axis) plus a learned per-level embedding go into
+    the encoder's queries only; the tokens themselves are the bare input projections
+    (docs/method.md, "Input projections and tokens").
     """
 
     def __init__(self, in_channels: dict[str, int], cfg: EncoderConfig, mask_dim: int = 256):
