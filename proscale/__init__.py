@@ -3,6 +3,7 @@
     proscale.list_presets("proscale_*")                              # registered model names
     model = proscale.build_model("proscale_r50_333", num_classes=133)
     report = proscale.load_checkpoint(model, "model_final.pt")       # ours, detectron2 or HF names
+    model, info = proscale.load_model("model_final_official.pth")      # any weights file -> its model
     results = proscale.Predictor("model_final.pt").predict("image.jpg")
 """
 from __future__ import annotations
@@ -31,10 +32,10 @@ def build_model(preset: str | ModelConfig = "proscale_r50_333", num_classes: int
 
 def __getattr__(name: str):
     # Heavier entry points load on first use, so `import proscale` stays light.
-    if name == "load_checkpoint":
-        from proscale.checkpoints.io import load_checkpoint
+    if name in ("load_checkpoint", "load_model"):
+        from proscale.checkpoints import loader
 
-        return load_checkpoint
+        return getattr(loader, name)
     if name == "Predictor":
         from proscale.predictor import Predictor
 
@@ -42,5 +43,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'proscale' has no attribute {name!r}")
 
 
-__all__ = ["build_model", "load_checkpoint", "Predictor", "list_presets", "get_preset", "PRESETS", "ModelConfig",
+__all__ = ["build_model", "load_checkpoint", "load_model", "Predictor", "list_presets", "get_preset", "PRESETS", "ModelConfig",
            "__version__"]

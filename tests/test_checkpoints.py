@@ -232,10 +232,10 @@ def test_plan_inferred_from_official_widths(plan):
                                                                                              np.float32)
     state["sem_seg_head.pixel_decoder.layer_1.norm.weight"] = np.zeros(256, np.float32)
     ours = from_detectron2(state)
-    assert ours["pixel_decoder.encoder.trc.score.weight"].shape == (1, 256)  # 1x1 conv -> Linear
+    assert ours["pixel_decoder.encoder.trc.score.weight"].shape == (1, 256, 1, 1)  # the 1x1 conv is kept
     enc = infer_encoder(ours)
     assert (enc.plan, enc.n_heads, enc.n_points, enc.ffn_dim) == (plan, 8, 4, 1024)
-    assert (enc.trc, enc.trc_temperature, enc.trc_layout, enc.output) == (True, 0.1, "official", "lpe")
+    assert (enc.trc, enc.trc_temperature, enc.trc_layout, enc.output) == (True, 0.1, "official_conv", "lpe")
 
 
 def test_plan_inference_rejects_non_progressive():

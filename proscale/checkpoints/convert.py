@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
                                                          "--to detectron2)")
     p.add_argument("--preset", help="take this preset's config instead of reading it from the weights")
     p.add_argument("--num-classes", type=int, help="number of classes (default: from the weights)")
-    p.add_argument("--trc-layout", choices=["official", "spatial"],
+    p.add_argument("--trc-layout", choices=["official", "official_conv", "spatial"],
                    help="TRC layout (default: official for detectron2 weights, else the preset's / stored one)")
     p.add_argument("--source", choices=["auto", "proscale", "detectron2", "hf"], default="auto",
                    help="naming of the input weights (default: detected)")

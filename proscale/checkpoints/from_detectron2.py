@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from proscale.checkpoints.errors import CheckpointError
-from proscale.checkpoints.state_dict import as_tensor as _as_tensor
+from proscale.checkpoints.state_dict import as_tensor
 from proscale.checkpoints.state_dict import detect_source
 
 PD, PD_D2 = "pixel_decoder.", "sem_seg_head.pixel_decoder."
@@ -138,7 +138,7 @@ def from_detectron2_report(state: Mapping[str, Any]) -> tuple[dict[str, torch.Te
         if new is None:
             unmapped.append(raw_key)
             continue
-        tensor = _as_tensor(value, raw_key)
+        tensor = as_tensor(value, raw_key)
         if new in out:
             raise CheckpointError(f"two checkpoint keys map to {new} (one is {raw_key})")
         out[new] = tensor
@@ -179,7 +179,7 @@ def to_detectron2(state: Mapping[str, Any], numpy: bool = False) -> dict[str, An
         if new is None:
             unmapped.append(key)
             continue
-        tensor = _as_tensor(value, key).detach().cpu()
+        tensor = as_tensor(value, key).detach().cpu()
         out[new] = tensor
         if new.endswith("attn.relative_position_bias_table"):
             window = (int(round(tensor.shape[0] ** 0.5)) + 1) // 2

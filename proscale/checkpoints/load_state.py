@@ -110,7 +110,7 @@ def _add_notes(model: nn.Module, report: LoadReport) -> None:
     if report.source == "detectron2":
         enc = getattr(getattr(model, "pixel_decoder", None), "encoder", None)
         trc = getattr(enc, "trc", None)
-        if trc is not None and trc.layout != "official":
+        if trc is not None and trc.layout not in ("official", "official_conv"):
             report.notes.append(f"TRC layout is {trc.layout!r}; the authors' released weights were trained "
                                 f"with the 'official' layout")
     if any(k.startswith("backbone.norm") for k in report.unexpected):

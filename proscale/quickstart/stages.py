@@ -23,7 +23,7 @@ from proscale.distributed import resolve_device
 from proscale.engine.evaluate import evaluate
 from proscale.engine.train import train
 from proscale.fileio import read_json, write_json
-from proscale.predictor import load_model
+from proscale.predictor import PredictorSettings, load_for_inference
 from proscale.quickstart.config import MODELS, QuickstartConfig, data_params, data_root, run_dir, val_dataset
 from proscale.quickstart.console import progress_bar, say
 from proscale.quickstart.plan import loadavg
@@ -128,9 +128,9 @@ def stage_train(cfg: QuickstartConfig, plan: dict) -> dict[str, dict]:
     return results
 
 
-def load_trained(cfg: QuickstartConfig, key: str) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, predictor info) from OUT/runs/<key>/model_final.pt."""
-    return load_model(run_dir(cfg, key) / "model_final.pt", resolve_device(cfg.device))
+def load_trained(cfg: QuickstartConfig, key: str) -> tuple[torch.nn.Module, PredictorSettings]:
+    """(model in eval mode, its inference settings) from OUT/runs/<key>/model_final.pt."""
+    return load_for_inference(run_dir(cfg, key) / "model_final.pt", resolve_device(cfg.device))
 
 
 # ---------------------------------------------------------------------------- 4. evaluation
@@ -157,9 +157,9 @@ def stage_eval(cfg: QuickstartConfig, plan: dict) -> dict[str, dict]:
                     bar.update(1)
 
             metrics = evaluate(model, batches(), dataset.metadata, ("panoptic", "instance", "semantic"),
-                               info["inference"], device=resolve_device(cfg.device))
+                               info.inference, device=resolve_device(cfg.device))
         stored = {"plan_id": plan["id"], "iteration": plan["iterations"],
-                  "inference": dataclasses.asdict(info["inference"]),
+                  "inference": dataclasses.asdict(info.inference),
                   "metrics": metrics}
         write_json(path, stored)
         results[key] = stored
