@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from proscale.models.ms_deform_attn import ms_deform_attn_core
+from proscale.kernels.msda_pure import ms_deform_attn_pure
 
 LEAVES = (
     "backbone",
@@ -338,7 +338,7 @@ def reference_msda_forward(self, query: torch.Tensor, reference_points: torch.Te
     weights = self.attention_weights(query).view(B, Nq, M, L * P).softmax(-1).view(B, Nq, M, L, P)
     scale = torch.tensor([[1.0 / w, 1.0 / h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device)
     locations = reference_points[:, :, None, :, None, :] + offsets * scale[None, None, None, :, None, :]
-    out = ms_deform_attn_core(v, shapes, locations, weights)  # the grid_sample form
+    out = ms_deform_attn_pure(v, shapes, locations, weights)  # the grid_sample form
     return self.output_proj(out)
 
 

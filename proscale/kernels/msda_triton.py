@@ -239,5 +239,5 @@ class TritonMSDA(torch.autograd.Function):
 
 
 def ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights):
-    """Same contract as proscale.models.ms_deform_attn.ms_deform_attn_core; output in value's dtype."""
+    """Same contract as msda_pure.ms_deform_attn_pure; output in value's dtype."""
     return TritonMSDA.apply(value, spatial_shapes, sampling_locations, attention_weights)
