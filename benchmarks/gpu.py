@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from proscale import kernels  # noqa: E402
-from proscale.models.ms_deform_attn import MSDeformAttn  # noqa: E402
+from proscale.models.ms_deform_attn import MSDeformAttn, use_msda_backend  # noqa: E402
 
 LEVELS_800x1088 = ((25, 34), (50, 68), (100, 136))  # res5, res4, res3 (coarse to fine)
 PLANS = {"baseline": (0, 0, 6), "(3,3,3)": (3, 3, 3), "(1,1,1)": (1, 1, 1)}
@@ -47,20 +45,6 @@ D_MODEL, HEADS, POINTS, FFN = 256, 8, 4, 1024
 
 
 # ---- small utilities ----------------------------------------------------------------------
-
-@contextmanager
-def msda_backend(name: str):
-    """Forces the MSDA back end through the dispatcher's environment variable."""
-    old = os.environ.get(kernels.ENV_VAR)
-    os.environ[kernels.ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(kernels.ENV_VAR, None)
-        else:
-            os.environ[kernels.ENV_VAR] = old
-
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -193,7 +177,7 @@ def measure_encoder(plan_name, plan, backend, batch, mode, shapes, device, args,
     autocast = (torch.autocast(device.type, dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None
                 else torch.autocast(device.type, enabled=False))
     out_info = {"encoder": desc}
-    with msda_backend(backend):
+    with use_msda_backend(module, backend):
         if mode == "forward":
             def step():
                 with torch.no_grad(), autocast:

@@ -1,5 +1,5 @@
 """FLOP counting (proscale.analysis.flops): the analytic per-token formula, component
-bookkeeping, the PROSCALE.md section 5 reference numbers, fvcore agreement, JSON and the CLI.
+bookkeeping, the reference numbers of docs/flops.md, fvcore agreement, JSON and the CLI.
 
 Counting runs on meta tensors (no arithmetic), so even R50 at 800x1088 takes about a second.
 """
@@ -12,8 +12,10 @@ import torch
 
 import proscale
 from proscale.analysis import flops as F
-from proscale.analysis.flops import (AGGREGATES, LEAVES, ORDER, count_flops, count_preset,
-                                     encoder_layer_flops_per_token, reference_msda_forward)
+from proscale.analysis.flop_counter import FlopCounter, encoder_layer_flops_per_token
+from proscale.analysis.flop_report import AGGREGATES, LABELS, LEAVES, ORDER, component_totals
+from proscale.analysis.flops import count_flops, count_preset
+from proscale.models.ms_deform_attn import MSDeformAttn
 
 
 def tokens(size):
@@ -65,6 +67,16 @@ def test_encoder_layers_equal_formula_r50_dims():
     _check_layers(count_preset("proscale_r50_333", (64, 96)), "proscale_r50_333", (64, 96))
 
 
+def test_component_tables():
+    # One list of components: every row has a label, the leaves are the rows that are no aggregate.
+    assert ORDER == tuple(LABELS) and ORDER[-1] == "total"
+    assert set(LEAVES) | set(AGGREGATES) == set(ORDER) and not set(LEAVES) & set(AGGREGATES)
+    totals = component_totals({"backbone": 5, "pixel_decoder.trc": 2, "pixel_decoder.fpn.output": 3, "stray": 1})
+    assert list(totals) == list(ORDER)
+    assert totals["other"] == 1  # a label that is no leaf is booked to "other"
+    assert (totals["pixel_decoder"], totals["pixel_decoder.fpn"], totals["total"]) == (5, 3, 11)
+
+
 def test_components_present_and_sum_to_total(tiny_reports):
     report = tiny_reports["proscale_tiny_333"]
     assert list(report.flops) == list(ORDER) and list(report.gflops) == list(ORDER)
@@ -92,7 +104,7 @@ def test_no_unsupported_operators(tiny_reports, preset):
 
 def test_unsupported_operator_is_reported():
     # An operator without a handle is listed, never silently dropped.
-    counter = F._Counter()
+    counter = FlopCounter(root="other")
     counter.scope.append("pixel_decoder.other")
     with counter:
         torch.linalg.det(torch.eye(3))
@@ -100,7 +112,7 @@ def test_unsupported_operator_is_reported():
 
 
 def test_reference_numbers_r50(r50_reports):
-    """PROSCALE.md section 5: R50 800x1088 GFLOPs (within 3%) and the cuts."""
+    """docs/flops.md "ref." columns: R50 800x1088 GFLOPs (within 3%) and the cuts."""
     base, ps = r50_reports["m2f_r50"].gflops, r50_reports["proscale_r50_333"].gflops
     for value, ref in ((base["pixel_decoder"], 122.2), (base["pixel_decoder.encoder"], 79.7),
                        (ps["pixel_decoder"], 61.2), (ps["pixel_decoder.encoder"], 50.7),
@@ -135,41 +147,53 @@ def test_batch_scales_linearly(tiny_reports):
 def test_independent_of_msda_backend_and_leaves_model_untouched(tiny_reports, monkeypatch):
     torch.manual_seed(0)
     model = proscale.build_model("proscale_tiny_333").eval()
+    attns = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
+    attns[0].backend = "fused"  # the model's own choice of back end is never what is counted
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setenv("PROSCALE_MSDA", "fused")  # the model's own fast path is never what is counted
+    monkeypatch.setenv("PROSCALE_MSDA", "fused")
     # A model with real weights counts the same as the meta-built one (default back end).
     assert count_flops(model, TINY).flops == tiny_reports["proscale_tiny_333"].flops
     for module in model.modules():
         assert "forward" not in module.__dict__  # no patched forward left behind
+    assert [m.backend for m in attns] == ["fused"] + ["auto"] * (len(attns) - 1)
     assert all(p.device.type == "cpu" for p in model.parameters())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_reference_msda_matches_module():
-    from proscale.models.ms_deform_attn import MSDeformAttn
+def test_counts_the_real_msda_forward(monkeypatch):
+    """The count runs MSDeformAttn.forward itself, with backend "pure": a change to the module's
+    arithmetic shows in the count."""
+    backends = []
+    real_forward = MSDeformAttn.forward
 
-    torch.manual_seed(0)
-    attn = MSDeformAttn(32, 2, 4, 2)
-    for p in attn.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    shapes = ((3, 4), (6, 8))
-    S = sum(h * w for h, w in shapes)
-    value, query = torch.randn(2, S, 32), torch.randn(2, 5, 32)
-    ref = torch.rand(1, 5, 2, 2)
-    with torch.no_grad():
-        expected = attn(query, ref, value, shapes)
-        got = reference_msda_forward(attn, query, ref, value, shapes)
-    assert (expected - got).abs().max() < 1e-5
+    def forward(self, *args, **kwargs):
+        backends.append(self.backend)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MSDeformAttn, "forward", forward)
+    report = count_preset("proscale_tiny_333", TINY)
+    assert backends == ["pure"] * sum(proscale.get_preset("proscale_tiny_333").encoder.plan)
+
+    def forward_twice(self, *args, **kwargs):  # e.g. a second output projection
+        return self.output_proj(forward(self, *args, **kwargs))
+
+    monkeypatch.setattr(MSDeformAttn, "forward", forward_twice)
+    d = proscale.get_preset("proscale_tiny_333").encoder.d_model
+    extra = sum(layer["tokens"] for layer in report.layers) * d * d
+    assert count_preset("proscale_tiny_333", TINY).flops["pixel_decoder.encoder"] == \
+        report.flops["pixel_decoder.encoder"] + extra
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit tracing, which fvcore uses, is deprecated
 def test_agrees_with_fvcore():
     pytest.importorskip("fvcore")
+    from proscale.analysis.flops_fvcore import fvcore_count
+
     torch.manual_seed(0)
     model = proscale.build_model("proscale_tiny_333").eval()
     ours = count_flops(model, (64, 64)).flops
-    theirs = F.fvcore_count(model, (64, 64))
+    theirs = fvcore_count(model, (64, 64))
     for key in ("backbone", "pixel_decoder", "pixel_decoder.encoder"):
         assert theirs[key] == ours[key], key
     # fvcore drops the unused last attention-mask resize from its JIT graph and rounds einsums.

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from proscale import kernels
-from proscale.models.ms_deform_attn import ms_deform_attn_core
+from proscale.kernels.msda_pure import ms_deform_attn_pure
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -46,8 +46,8 @@ def run_with_grads(fn, value, shapes, loc, attn, seed=1):
 
 
 def assert_matches_reference(fn, value, loc, attn, shapes=SHAPES, tol=1e-4):
-    """Output and the three gradients of fn against ms_deform_attn_core, in fp32."""
-    ref = run_with_grads(ms_deform_attn_core, value.float(), shapes, loc.float(), attn.float())
+    """Output and the three gradients of fn against ms_deform_attn_pure, in fp32."""
+    ref = run_with_grads(ms_deform_attn_pure, value.float(), shapes, loc.float(), attn.float())
     got = run_with_grads(fn, value, shapes, loc, attn)
     dtypes = (value.dtype, value.dtype, loc.dtype, attn.dtype)
     for name, r, f, dtype in zip(("output", "grad value", "grad locations", "grad attention"), ref, got, dtypes):
@@ -58,7 +58,7 @@ def assert_matches_reference(fn, value, loc, attn, shapes=SHAPES, tol=1e-4):
 
 def rounded_reference(value, loc, attn, dtype, shapes=SHAPES):
     """The fp32 reference on inputs rounded to dtype: what an fp32-accumulating kernel should give."""
-    return ms_deform_attn_core(*(t.to(dtype).float() for t in (value,)), shapes,
+    return ms_deform_attn_pure(*(t.to(dtype).float() for t in (value,)), shapes,
                                *(t.to(dtype).float() for t in (loc, attn)))
 
 
@@ -240,7 +240,7 @@ def test_cuda_no_host_sync_and_cuda_graph():
             out = kernels.ms_deform_attn(static[0], SHAPES, static[1], static[2], backend="triton")
     static[0].mul_(2)
     graph.replay()
-    torch.testing.assert_close(out, 2 * ms_deform_attn_core(value, SHAPES, loc, attn), rtol=0, atol=1e-4)
+    torch.testing.assert_close(out, 2 * ms_deform_attn_pure(value, SHAPES, loc, attn), rtol=0, atol=1e-4)
 
 
 # ---- benchmarks/gpu.py plumbing -------------------------------------------------------------

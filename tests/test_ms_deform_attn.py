@@ -1,4 +1,5 @@
-"""MSDeformAttn: the grid_sample reference and the fused CPU path against a loop-based definition."""
+"""MSDA: the grid_sample reference and the fused CPU path against a loop-based definition, the
+dispatch between back ends, and the MSDeformAttn module (its `backend` attribute)."""
 from __future__ import annotations
 
 import math
@@ -6,9 +7,11 @@ import math
 import pytest
 import torch
 
+from proscale import kernels
 from proscale.kernels import msda_fused, ms_deform_attn, select_backend
 from proscale.kernels.msda_fused import ms_deform_attn_fused
-from proscale.models.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
+from proscale.kernels.msda_pure import ms_deform_attn_pure
+from proscale.models.ms_deform_attn import MSDeformAttn, use_msda_backend
 
 SHAPES = ((3, 5), (4, 2), (2, 3))  # non-square levels, one taller than wide
 
@@ -65,14 +68,14 @@ def grads(fn, value, shapes, loc, attn, seed=1):
     return (out.detach(), *torch.autograd.grad(out, leaves, g))
 
 
-@pytest.mark.parametrize("fn", [ms_deform_attn_core, ms_deform_attn_fused], ids=["reference", "fused"])
+@pytest.mark.parametrize("fn", [ms_deform_attn_pure, ms_deform_attn_fused], ids=["reference", "fused"])
 def test_matches_loop_definition_float64(fn):
     value, loc, attn = make_inputs()
     out = fn(value, SHAPES, loc, attn)
     torch.testing.assert_close(out, loop_reference(value, SHAPES, loc, attn), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("fn", [ms_deform_attn_core, ms_deform_attn_fused], ids=["reference", "fused"])
+@pytest.mark.parametrize("fn", [ms_deform_attn_pure, ms_deform_attn_fused], ids=["reference", "fused"])
 def test_matches_loop_definition_float32(fn):
     value, loc, attn = make_inputs(torch.float32, quantized=True)
     out = fn(value, SHAPES, loc, attn)
@@ -81,7 +84,7 @@ def test_matches_loop_definition_float32(fn):
 
 def test_fused_matches_reference_float32_values_and_grads():
     value, loc, attn = make_inputs(torch.float32, B=2, Nq=7, M=3, D=4, P=3, quantized=True)
-    ref = grads(ms_deform_attn_core, value, SHAPES, loc, attn)
+    ref = grads(ms_deform_attn_pure, value, SHAPES, loc, attn)
     got = grads(ms_deform_attn_fused, value, SHAPES, loc, attn)
     for name, r, f in zip(("out", "value", "loc", "attn"), ref, got):
         scale = max(1.0, r.abs().max().item())  # location gradients are O(W): compare relatively
@@ -93,8 +96,8 @@ def test_fused_as_accurate_as_reference_on_random_locations():
     of x); each must stay as close to the float64 truth as the other."""
     value, loc, attn = make_inputs(torch.float32, B=1, Nq=64, M=4, D=8, P=4, shapes=((13, 17), (7, 30)))
     shapes = ((13, 17), (7, 30))
-    truth = ms_deform_attn_core(value.double(), shapes, loc.double(), attn.double())
-    err_ref = (ms_deform_attn_core(value, shapes, loc, attn).double() - truth).abs().max().item()
+    truth = ms_deform_attn_pure(value.double(), shapes, loc.double(), attn.double())
+    err_ref = (ms_deform_attn_pure(value, shapes, loc, attn).double() - truth).abs().max().item()
     err_fused = (ms_deform_attn_fused(value, shapes, loc, attn).double() - truth).abs().max().item()
     assert err_fused <= max(2 * err_ref, 1e-5)
 
@@ -102,7 +105,7 @@ def test_fused_as_accurate_as_reference_on_random_locations():
 def test_gradcheck_reference_float64():
     value, loc, attn = make_inputs(B=1, Nq=2, M=2, D=2, P=1, shapes=((2, 3), (3, 2)))
     inputs = [t.requires_grad_(True) for t in (value, loc, attn)]
-    assert torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn_core(v, ((2, 3), (3, 2)), l, a), inputs)
+    assert torch.autograd.gradcheck(lambda v, l, a: ms_deform_attn_pure(v, ((2, 3), (3, 2)), l, a), inputs)
 
 
 def test_gradcheck_fused_float64():
@@ -124,7 +127,7 @@ def test_fused_chunking_and_int64_rows_match(monkeypatch):
 
 def test_fused_half_inputs_accumulate_in_fp32():
     value, loc, attn = make_inputs(torch.float32, B=1, Nq=16, M=2, D=8, P=2)
-    ref = ms_deform_attn_core(value, SHAPES, loc, attn)
+    ref = ms_deform_attn_pure(value, SHAPES, loc, attn)
     for dtype in (torch.bfloat16, torch.float16):
         out = ms_deform_attn_fused(value.to(dtype), SHAPES, loc, attn)  # AMP: value half, locations fp32
         assert out.dtype == dtype
@@ -171,15 +174,34 @@ def test_dispatch_picks_fused_on_cpu_and_honours_env(monkeypatch):
         monkeypatch.setenv("PROSCALE_MSDA", name)
         assert select_backend(value) == name
         torch.testing.assert_close(ms_deform_attn(value, SHAPES, loc, attn),
-                                   ms_deform_attn_core(value, SHAPES, loc, attn), rtol=1e-5, atol=1e-5)
+                                   ms_deform_attn_pure(value, SHAPES, loc, attn), rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("PROSCALE_MSDA", "cuda-op")
     with pytest.raises(ValueError, match="PROSCALE_MSDA"):
         ms_deform_attn(value, SHAPES, loc, attn)
+    # A named back end wins over the environment; an unknown name is refused.
+    torch.testing.assert_close(ms_deform_attn(value, SHAPES, loc, attn, backend="pure"),
+                               ms_deform_attn_pure(value, SHAPES, loc, attn), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cuda-op"):
+        ms_deform_attn(value, SHAPES, loc, attn, backend="cuda-op")
+
+
+def test_kernels_do_not_import_models():
+    """The kernels sit below the model (the module imports them, never the other way round)."""
+    import ast
+    from pathlib import Path
+
+    imported = set()
+    for path in Path(kernels.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+    assert "proscale.kernels.msda_pure" in imported  # the scan sees the package's own imports
+    assert not [name for name in imported if name.startswith("proscale.models")]
 
 
 def test_dispatch_refuses_triton_on_cpu_without_interpreter(monkeypatch):
-    from proscale import kernels
-
     if not kernels.triton_available():
         pytest.skip("Triton not importable here")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -223,9 +245,9 @@ def test_module_init_offsets_and_uniform_weights():
     torch.testing.assert_close(w, torch.full_like(w, 1 / 12))
 
 
-@pytest.mark.parametrize("backend", ["pure", "fused"])
-def test_module_forward_shape_and_backends_agree(monkeypatch, backend):
-    torch.manual_seed(0)
+def module_inputs(seed=0):
+    """A 2-level MSDeformAttn with non-trivial offsets and weights, and its inputs."""
+    torch.manual_seed(seed)
     shapes = ((2, 3), (4, 5))
     S = sum(h * w for h, w in shapes)
     attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=2)
@@ -234,12 +256,66 @@ def test_module_forward_shape_and_backends_agree(monkeypatch, backend):
         attn.attention_weights.weight.normal_(0, 0.1)
     query, value = torch.randn(2, 7, 16), torch.randn(2, S, 16)
     ref_points = torch.rand(1, 7, 2, 2)
-    monkeypatch.setenv("PROSCALE_MSDA", "pure")
-    expected = attn(query, ref_points, value, shapes)
-    monkeypatch.setenv("PROSCALE_MSDA", backend)
-    out = attn(query, ref_points, value, shapes)
+    return attn, (query, ref_points, value, shapes)
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_module_forward_shape_and_backends_agree(backend):
+    attn, inputs = module_inputs()
+    assert attn.backend == "auto"
+    attn.backend = "pure"
+    expected = attn(*inputs)
+    attn.backend = backend
+    out = attn(*inputs)
     assert out.shape == (2, 7, 16)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def spy_on_kernels(monkeypatch) -> list[str]:
+    """Records the name of every MSDA core the dispatcher runs (and still runs it)."""
+    calls: list[str] = []
+    for name in ("ms_deform_attn_pure", "ms_deform_attn_fused"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    return calls
+
+
+def test_module_backend_attribute_reaches_the_dispatch(monkeypatch):
+    calls = spy_on_kernels(monkeypatch)
+    monkeypatch.setenv("PROSCALE_MSDA", "fused")
+    attn, inputs = module_inputs()
+    attn(*inputs)  # "auto": the environment decides
+    attn.backend = "pure"  # a named back end wins over the environment
+    attn(*inputs)
+    assert calls == ["ms_deform_attn_fused", "ms_deform_attn_pure"]
+    assert "backend='pure'" in repr(attn)
+    attn.backend = "cuda-op"
+    with pytest.raises(ValueError, match="cuda-op"):
+        attn(*inputs)
+    with pytest.raises(ValueError, match="cuda-op"):
+        MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=2, backend="cuda-op")
+
+
+def test_use_msda_backend_switches_every_module_and_restores(monkeypatch):
+    calls = spy_on_kernels(monkeypatch)
+    monkeypatch.setenv("PROSCALE_MSDA", "fused")
+    first, inputs = module_inputs()
+    second = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=2, backend="fused")
+    model = torch.nn.ModuleList([first, torch.nn.Sequential(second)])
+    with use_msda_backend(model, "pure") as n:
+        assert n == 2 and first.backend == second.backend == "pure"
+        first(*inputs)
+        second(*inputs)
+    assert calls == ["ms_deform_attn_pure", "ms_deform_attn_pure"]
+    assert (first.backend, second.backend) == ("auto", "fused")
+    with pytest.raises(RuntimeError, match="inside"):
+        with use_msda_backend(model, "pure"):
+            raise RuntimeError("inside")
+    assert (first.backend, second.backend) == ("auto", "fused")  # restored on error too
+    with pytest.raises(ValueError):
+        with use_msda_backend(model, "cuda-op"):
+            pass
+    assert (first.backend, second.backend) == ("auto", "fused")
 
 
 def test_module_rejects_inconsistent_spatial_shapes():

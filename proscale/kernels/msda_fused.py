@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from proscale.kernels.msda_pure import ms_deform_attn_pure
 from proscale.kernels.tables import cached, level_starts
 
 # Corner samples handled at once (bounds the per-sample temporaries of one chunk to a few
@@ -297,11 +298,9 @@ def _grad_table(row: torch.Tensor, fx: torch.Tensor, ay0: torch.Tensor, ay1: tor
 
 
 def ms_deform_attn_fused(value, spatial_shapes, sampling_locations, attention_weights):
-    """Same contract as proscale.models.ms_deform_attn.ms_deform_attn_core:
+    """Same contract as msda_pure.ms_deform_attn_pure:
     value (B, S, M, D), sampling_locations (B, Nq, M, L, P, 2), attention_weights (B, Nq, M, L, P)
     -> (B, Nq, M*D) in value's dtype (accumulated in fp32 or better)."""
-    if sampling_locations.numel() == 0 or value.numel() == 0:
-        from proscale.models.ms_deform_attn import ms_deform_attn_core  # empty: nothing to speed up
-
-        return ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_weights)
+    if sampling_locations.numel() == 0 or value.numel() == 0:  # empty: nothing to speed up
+        return ms_deform_attn_pure(value, spatial_shapes, sampling_locations, attention_weights)
     return FusedMSDA.apply(value, spatial_shapes, sampling_locations.contiguous(), attention_weights.contiguous())

@@ -33,6 +33,17 @@ BACKWARD_CONFIG = {"block_q": 32, "num_warps": 4}
 
 
 @triton.jit
+def _level(shapes_ptr, l):
+    """Level l's height, width and first token from the (L, 3) shape table; width and height in fp32."""
+    h = tl.load(shapes_ptr + 3 * l)
+    w = tl.load(shapes_ptr + 3 * l + 1)
+    start = tl.load(shapes_ptr + 3 * l + 2)
+    wf = w.to(tl.float32)
+    hf = h.to(tl.float32)
+    return h, w, start, wf, hf
+
+
+@triton.jit
 def _corner_setup(loc_base, attn_base, k, qmask, wf, hf):
     """Pixel coordinates of point k: (x0, y0) int32 top-left corner, fractions, attention weight."""
     lx = tl.load(loc_base + 2 * k, mask=qmask, other=0.0).to(tl.float32)
@@ -62,11 +73,12 @@ def _tile_mask(valid, dmask, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _corner_ptrs(v_base, xi, yi, w, h, start, qmask, dmask, ROW: tl.constexpr, EVEN_D: tl.constexpr):
-    """(BLOCK_Q, BLOCK_D) pointers to the value rows of corner (xi, yi), and their mask."""
+def _corner_ptrs(base, xi, yi, w, h, start, qmask, dmask, ROW: tl.constexpr, EVEN_D: tl.constexpr):
+    """(BLOCK_Q, BLOCK_D) pointers from `base` (value or its gradient) to the rows of corner
+    (xi, yi), and their mask (row 0, masked off, where the corner lies outside the map)."""
     valid = qmask & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
     row = tl.where(valid, start + yi * w + xi, 0)
-    ptrs = v_base + row[:, None] * ROW
+    ptrs = base + row[:, None] * ROW
     return ptrs, _tile_mask(valid, dmask, EVEN_D)
 
 
@@ -92,11 +104,7 @@ def _msda_fwd_kernel(
     # Plain loops, not unrolled: unrolling all 4*L*P corner loads made the compiler hoist them
     # (255 registers and spills for the forward); the loop keeps 4 tiles live at a time.
     for l in range(L):
-        h = tl.load(shapes_ptr + 3 * l)
-        w = tl.load(shapes_ptr + 3 * l + 1)
-        start = tl.load(shapes_ptr + 3 * l + 2)
-        wf = w.to(tl.float32)
-        hf = h.to(tl.float32)
+        h, w, start, wf, hf = _level(shapes_ptr, l)
         for p in range(P):
             x0, y0, fx, fy, a = _corner_setup(loc_base, attn_base, l * P + p, qmask, wf, hf)
             ptrs, msk = _corner_ptrs(v_base, x0, y0, w, h, start, qmask, dmask, M * D, EVEN_D)
@@ -115,11 +123,11 @@ def _msda_fwd_kernel(
 def _corner_backward(v_base, gv_base, xi, yi, w, h, start, qmask, dmask, g, scale, ROW: tl.constexpr,
                      EVEN_D: tl.constexpr):
     """<grad_out, value[corner]> per query; grad_value[corner] += scale * grad_out (atomic)."""
-    valid = qmask & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-    row = tl.where(valid, start + yi * w + xi, 0)
-    msk = _tile_mask(valid, dmask, EVEN_D)
-    v = tl.load(v_base + row[:, None] * ROW, mask=msk, other=0.0).to(tl.float32)
-    tl.atomic_add(gv_base + row[:, None] * ROW, scale[:, None] * g, mask=msk, sem="relaxed")
+    ptrs, msk = _corner_ptrs(v_base, xi, yi, w, h, start, qmask, dmask, ROW, EVEN_D)
+    v = tl.load(ptrs, mask=msk, other=0.0).to(tl.float32)
+    # The same rows of the gradient (the compiler computes the index once).
+    grad_ptrs, _ = _corner_ptrs(gv_base, xi, yi, w, h, start, qmask, dmask, ROW, EVEN_D)
+    tl.atomic_add(grad_ptrs, scale[:, None] * g, mask=msk, sem="relaxed")
     return tl.sum(v * g, axis=1)
 
 
@@ -147,11 +155,7 @@ def _msda_bwd_kernel(
     g = tl.load(grad_out_ptr + bag[:, None] * D + d[None, :], mask=_tile_mask(qmask, dmask, EVEN_D),
                 other=0.0).to(tl.float32)
     for l in range(L):
-        h = tl.load(shapes_ptr + 3 * l)
-        w = tl.load(shapes_ptr + 3 * l + 1)
-        start = tl.load(shapes_ptr + 3 * l + 2)
-        wf = w.to(tl.float32)
-        hf = h.to(tl.float32)
+        h, w, start, wf, hf = _level(shapes_ptr, l)
         for p in range(P):
             k = l * P + p
             x0, y0, fx, fy, a = _corner_setup(loc_base, attn_base, k, qmask, wf, hf)
@@ -239,5 +243,5 @@ class TritonMSDA(torch.autograd.Function):
 
 
 def ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights):
-    """Same contract as proscale.models.ms_deform_attn.ms_deform_attn_core; output in value's dtype."""
+    """Same contract as msda_pure.ms_deform_attn_pure; output in value's dtype."""
     return TritonMSDA.apply(value, spatial_shapes, sampling_locations, attention_weights)

@@ -1,4 +1,5 @@
-"""Multi-scale deformable attention (MSDeformAttn), pure PyTorch.
+"""Multi-scale deformable attention (MSDeformAttn): the module; its sampling core is in
+proscale.kernels.
 
 Shapes used throughout:
     B batch, Nq queries, S value tokens (sum of H_l * W_l over levels), M heads,
@@ -7,54 +8,25 @@ Shapes used throughout:
 `spatial_shapes` is a tuple of (H_l, W_l) Python ints, never a tensor: that keeps the
 forward free of host syncs and friendly to torch.compile / torch.export.
 
-`ms_deform_attn_core` below is the pure reference (grid_sample per level). The module calls
-`proscale.kernels.ms_deform_attn`, which runs the fastest back end for the device (Triton on
-CUDA, a fused gather on CPU) and this reference while exporting or compiling; PROSCALE_MSDA=pure
-forces the reference everywhere.
+The module computes the sampling locations and attention weights, then calls
+`proscale.kernels.ms_deform_attn` with its `backend` attribute: "auto" (the default) runs the
+fastest back end for the device (Triton on CUDA, a fused gather on CPU) and the grid_sample
+reference while exporting or compiling; "pure", "fused" or "triton" pin one (`use_msda_backend`
+does that for every MSDeformAttn of a model, e.g. to count FLOPs on the reference).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from proscale.kernels import ms_deform_attn
+from proscale.kernels import AUTO, check_backend, ms_deform_attn
 from proscale.models.constant_cache import ConstantCache
 
 SpatialShapes = tuple[tuple[int, int], ...]
-
-
-def ms_deform_attn_core(
-    value: torch.Tensor,
-    spatial_shapes: SpatialShapes,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-) -> torch.Tensor:
-    """Bilinear sampling of every level + attention-weighted sum (the grid_sample form).
-
-    Args:
-        value: (B, S, M, D) projected values, levels concatenated in `spatial_shapes` order.
-        spatial_shapes: ((H_0, W_0), ...) of the L levels.
-        sampling_locations: (B, Nq, M, L, P, 2) as (x, y) in [0, 1] of each level's map.
-        attention_weights: (B, Nq, M, L, P), softmaxed over L * P.
-    Returns:
-        (B, Nq, M * D)
-    """
-    B, S, M, D = value.shape
-    _, Nq, _, L, P, _ = sampling_locations.shape
-    value_list = value.split([h * w for h, w in spatial_shapes], dim=1)
-    # grid_sample works on [-1, 1] with align_corners=False, i.e. pixel centres at (i+0.5)/W.
-    grids = 2 * sampling_locations - 1
-    sampled = []
-    for lvl, (h, w) in enumerate(spatial_shapes):
-        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(B * M, D, h, w)
-        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*M, Nq, P, 2)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    weights = attention_weights.transpose(1, 2).reshape(B * M, 1, Nq, L * P)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (B*M, D, Nq)
-    return out.view(B, M * D, Nq).transpose(1, 2).contiguous()
 
 
 class MSDeformAttn(nn.Module):
@@ -64,11 +36,15 @@ class MSDeformAttn(nn.Module):
     reference point, samples the values there bilinearly, and sums them.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4):
+    def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4,
+                 backend: str = AUTO):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        # MSDA back end of every call: "auto" or one of proscale.kernels.BACKENDS. A plain
+        # attribute (not saved in the state dict): it changes the speed, not the result.
+        self.backend = check_backend(backend)
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -124,5 +100,25 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(B, Nq, M, L * P).softmax(-1).view(B, Nq, M, L, P)
         scale = self.offset_scale(spatial_shapes, offsets)
         locations = reference_points[:, :, None, :, None, :] + offsets * scale[None, None, None, :, None, :]
-        out = ms_deform_attn(v, spatial_shapes, locations, weights)
+        out = ms_deform_attn(v, spatial_shapes, locations, weights, backend=self.backend)
         return self.output_proj(out)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, "
+                f"n_points={self.n_points}, backend={self.backend!r}")
+
+
+@contextlib.contextmanager
+def use_msda_backend(model: nn.Module, backend: str) -> Iterator[int]:
+    """Runs every MSDeformAttn inside `model` on `backend` within the block, then restores each
+    module's own setting (also on error). Yields how many modules it switched."""
+    check_backend(backend)
+    modules = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
+    saved = [m.backend for m in modules]
+    for m in modules:
+        m.backend = backend
+    try:
+        yield len(modules)
+    finally:
+        for m, old in zip(modules, saved):
+            m.backend = old
