@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from proscale.models.ms_deform_attn import use_msda_backend
+
 
 class ExportWrapper(nn.Module):
     """MaskFormer without the Python-side extras (aux outputs, sizes) in its output."""
@@ -31,7 +33,10 @@ def example_input(size: tuple[int, int], batch: int = 1, seed: int = 0) -> torch
 
 
 def export_program(model: nn.Module, size: tuple[int, int], batch: int = 1) -> torch.export.ExportedProgram:
-    return torch.export.export(ExportWrapper(model).eval(), (example_input(size, batch),))
+    # The grid_sample reference even where a module was set to another MSDA back end: standard
+    # operators only in the exported graph.
+    with use_msda_backend(model, "pure"):
+        return torch.export.export(ExportWrapper(model).eval(), (example_input(size, batch),))
 
 
 def export_onnx(model: nn.Module, path: str | Path, size: tuple[int, int], batch: int = 1, opset: int = 17) -> Path:
@@ -40,7 +45,7 @@ def export_onnx(model: nn.Module, path: str | Path, size: tuple[int, int], batch
         raise ValueError("ONNX export needs opset >= 16 (GridSample)")
     path = Path(path)
     wrapper = ExportWrapper(model).eval()
-    with torch.no_grad():
+    with torch.no_grad(), use_msda_backend(model, "pure"):
         # The TorchScript-based exporter needs no extra packages; it handles every op we use.
         torch.onnx.export(wrapper, (example_input(size, batch),), str(path), opset_version=opset, dynamo=False,
                           input_names=["images"], output_names=["pred_logits", "pred_masks"])

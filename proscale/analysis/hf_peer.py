@@ -7,6 +7,8 @@ Only the baseline encoder exists there: PRO-SCALE configs are refused.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -70,6 +72,6 @@ def build_hf_peer(cfg: ModelConfig, num_classes: int | None = None) -> HFPeer:
     import transformers
 
     if num_classes is not None:
-        cfg.num_classes = num_classes
+        cfg = dataclasses.replace(cfg, num_classes=num_classes)  # never the caller's config
     model = transformers.Mask2FormerForUniversalSegmentation(hf_config_from(cfg))
     return HFPeer(model, cfg)

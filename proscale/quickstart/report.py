@@ -21,7 +21,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from proscale.analysis.flops import LABELS, ORDER
+from proscale.analysis.flop_report import LABELS, ORDER
 from proscale.fileio import atomic_write, read_json, write_json
 from proscale.presets import get_preset
 from proscale.quickstart.config import MODELS, QuickstartConfig, run_dir
