@@ -244,8 +244,11 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             node = getattr(node, part)
         if not dataclasses.is_dataclass(node) or last not in {f.name for f in dataclasses.fields(node)}:
             raise KeyError(f"unknown config key {key!r}")
+        hint = get_type_hints(type(node))[last]
+        if dataclasses.is_dataclass(hint):
+            raise KeyError(f"{key!r} is a section, not a value: set its fields ({key}.<field>=...)")
         try:
-            value = _parse(text, get_type_hints(type(node))[last])
+            value = _parse(text, hint)
         except ValueError as e:
             raise ValueError(f"{key}: {e}") from None
         setattr(node, last, value)
