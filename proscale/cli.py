@@ -9,6 +9,7 @@ import sys
 # (module, what it adds): data flow order, then tools.
 COMMANDS = (
     "proscale.quickstart",
+    "proscale.tradeoff",
     "proscale.engine.train",
     "proscale.engine.evaluate",
     "proscale.engine.predict",

@@ -2,7 +2,7 @@
 its results lie under OUT.
 
     OUT/data               the synthetic panoptic set (data_root)
-    OUT/runs/<model key>   one training run of the engine (run_dir)
+    OUT/runs/<model key>/seed<k>   one training run of the engine and its evaluation (run_dir)
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from proscale.data import build_dataset
 from proscale.data.synthetic import SyntheticParams
+from proscale.recipes import SmallRecipe
 
 # (key used for folders and files, display name, preset). The first is the baseline.
 MODELS: tuple[tuple[str, str, str], ...] = (
@@ -22,14 +23,18 @@ MODELS: tuple[tuple[str, str, str], ...] = (
 
 @dataclass
 class QuickstartConfig:
-    """Everything the quickstart does. The defaults are the recipe `make quickstart` runs."""
+    """Everything the quickstart does. The defaults are what `make quickstart` runs: a fixed
+    recipe, so the same command gives the same table on any machine, however busy (only the
+    latency columns and the time it takes change)."""
 
     out: str = "runs/quickstart"
-    budget_minutes: float = 6.5  # the whole job; the plan lowers iterations to fit (proscale/quickstart/plan.py)
-    iterations: int = 0  # > 0: exactly this many per model, no timing (overrides the budget)
-    device: str = "auto"  # "auto" (a GPU when present), "cpu", "cuda"
-    threads: int = 0  # CPU threads (0 = auto: one per core that other work leaves idle, see auto_threads)
-    seed: int = 0
+    # The time the job should take on an idle 2-core CPU; only for the ETA and a warning when this
+    # machine is slower or busy: it never changes what is trained.
+    budget_minutes: float = 10.0
+    device: str = "cpu"  # the trainings run on CPU processes; "cuda" measures latency on a GPU
+    workers: int = 0  # training processes, one thread each (0: one per core)
+    seed: int = 0  # the data's seed and the first training seed
+    seeds: int = 2  # trainings per model (seeds seed, seed+1, ...): the report shows their spread
 
     # --- data: generate_synthetic(...) arguments -----------------------------------------
     image_size: int = 128
@@ -44,26 +49,10 @@ class QuickstartConfig:
     synthetic: dict = field(default_factory=lambda: {"min_radius": 0.2, "max_radius": 0.35, "max_things": 2,
                                                      "class_colors": True, "class_color_jitter": 0.25})
 
-    # --- training (same for both models) --------------------------------------------------
-    max_iterations: int = 800  # the recipe: iterations per model when the budget allows
-    min_iterations: int = 20  # the plan never goes below this
-    batch_size: int = 4  # more, smaller steps learn faster in a few minutes than fewer large ones
-    lr: float = 2e-3  # from scratch, small batch: the COCO recipe's 1e-4 barely moves in 800 steps
-    schedule: str = "poly"
-    warmup_iters: int = 50
-    weight_decay: float = 0.05
-    clip_grad: float = 1.0
-    class_weight: float = 2.0
-    no_object_weight: float = 0.1
-    points_fraction: float = 0.25  # sampled points per mask = this * H * W (12,544 is for 1024 px)
-    checkpoint_period: int = 200
+    # --- training: the same recipe for both models and every seed ---------------------------
+    recipe: SmallRecipe = field(default_factory=SmallRecipe)
     stop_after: int = 0  # > 0: each training stops at this iteration (with a checkpoint); a re-run goes on
     extra_overrides: tuple[str, ...] = ()  # any further TrainConfig / model `key=value`
-
-    # --- inference (stated in the report) --------------------------------------------------
-    # Mask2Former's COCO values are 0.8 / 0.8; a model trained for minutes is rarely that sure.
-    object_mask_threshold: float = 0.5
-    overlap_threshold: float = 0.5
 
     # --- measurement / report ---------------------------------------------------------------
     latency_warmup: int = 3
@@ -72,6 +61,10 @@ class QuickstartConfig:
     latency_large_size: int = 256  # also measure at this input size (0 = only the training size)
     num_overlays: int = 4
     progress: bool = True
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [self.seed + k for k in range(self.seeds)]
 
 
 def data_root(cfg: QuickstartConfig) -> Path:
@@ -83,8 +76,9 @@ def data_spec(cfg: QuickstartConfig) -> str:
     return f"synthetic:{data_root(cfg).resolve()}"
 
 
-def run_dir(cfg: QuickstartConfig, key: str) -> Path:
-    return Path(cfg.out) / "runs" / key
+def run_dir(cfg: QuickstartConfig, key: str, seed: int | None = None) -> Path:
+    """OUT/runs/<model key>/seed<k> (default: the first seed's run)."""
+    return Path(cfg.out) / "runs" / key / f"seed{cfg.seed if seed is None else seed}"
 
 
 def val_dataset(cfg: QuickstartConfig):

@@ -26,8 +26,8 @@ from proscale.fileio import atomic_write, read_json, write_json
 from proscale.presets import get_preset
 from proscale.quickstart.config import MODELS, QuickstartConfig, run_dir
 from proscale.quickstart.figures import plot_gflops, plot_loss_curves, write_overlays
-from proscale.quickstart.html import markdown_to_html
-from proscale.quickstart.tables import TABLE_HEAD, comparison_rows, markdown_table, table_cells, targets, text_table
+from proscale.quickstart.tables import TABLE_HEAD, comparison_rows, duration, seed_cells, table_cells, targets
+from proscale.report_html import markdown_table, markdown_to_html, text_table
 
 # The paper's headline, PRO-SCALE (3,3,3) against Mask2Former with ResNet-50 on COCO: the share
 # of GFLOPs it saves in the encoder (the paper's word for the whole pixel decoder) and in total.
@@ -50,14 +50,16 @@ def write_report(cfg: QuickstartConfig, plan: dict, evals: dict, measure: dict) 
                table_cells(rows)), "rows": rows, "targets": targets(rows), "plots": [str(loss_png), str(gflops_png)]}
     # The report depends only on these inputs (and the runs they name): unchanged -> kept.
     stamp_path = out / "report.json"
-    fingerprint = hashlib.sha256(json.dumps([plan, evals, measure, settings_key(cfg)], sort_keys=True,
+    results = {k: [[r["seed"], r.get("metrics"), r.get("train_seconds")] for r in runs] for k, runs in evals.items()}
+    fingerprint = hashlib.sha256(json.dumps([plan, results, measure, settings_key(cfg)], sort_keys=True,
                                             default=str).encode()).hexdigest()
     stamp = read_json(stamp_path)
     if (stamp and stamp.get("fingerprint") == fingerprint
             and all(p.is_file() for p in (md_path, html_path, loss_png, gflops_png))):
         summary.update(status="kept", overlays=sorted(str(p) for p in (out / "overlays").glob("*.png")))
         return summary
-    plot_loss_curves({k: (n, run_dir(cfg, k) / "metrics.jsonl") for k, n, _ in MODELS}, loss_png)
+    plot_loss_curves({k: (f"{n} (seed {cfg.seed})", run_dir(cfg, k) / "metrics.jsonl") for k, n, _ in MODELS},
+                     loss_png)
     plot_gflops(MODELS, measure, gflops_png)
     overlay_paths = write_overlays(cfg, MODELS, out / "overlays", cfg.num_overlays)
     overview = overlay_paths[-1] if overlay_paths else None
@@ -72,10 +74,10 @@ def write_report(cfg: QuickstartConfig, plan: dict, evals: dict, measure: dict) 
     md += comparison_section(cfg, rows, measure)
     md += ["## GFLOPs per component\n", component_table(measure) + "\n", link["GFLOPs per component"] + "\n"]
     md += ["## Latency\n", latency_table(measure) + "\n", latency_note(cfg, measure) + "\n"]
-    md += ["## Training\n", training_table(cfg, plan) + "\n", link["loss curves"] + "\n"]
+    md += ["## Training\n", training_text(cfg, plan, rows, evals) + "\n", link["loss curves"] + "\n"]
     md += ["## Predictions on val images\n",
            "Columns: input, ground truth, " + ", ".join(n for _, n, _ in MODELS)
-           + " (panoptic; labels with class scores).\n"]
+           + f" (panoptic, seed {cfg.seed}; labels with class scores).\n"]
     if overview is not None:
         md.append(link["overlays"] + "\n")
     md += ["## Settings\n", "\n".join(f"- {s}" for s in settings_lines(cfg, plan, evals)) + "\n"]
@@ -89,7 +91,7 @@ def write_report(cfg: QuickstartConfig, plan: dict, evals: dict, measure: dict) 
 
 def settings_key(cfg: QuickstartConfig) -> dict:
     """The quickstart settings the report shows (a change rewrites it)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "budget_minutes", "threads")}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "budget_minutes", "workers")}
 
 
 # --------------------------------------------------------------------------------- sections
@@ -108,8 +110,10 @@ def comparison_section(cfg: QuickstartConfig, rows: list[dict], measure: dict) -
         "## Comparison\n",
         f"Val split: {cfg.num_val} images, {cfg.image_size}x{cfg.image_size}. Encoder = the whole pixel decoder "
         "(as the paper uses the word). GFLOPs: fvcore convention (1 multiply-add = 1 FLOP), batch 1. Latency: "
-        "median of repeated inference runs, both models interleaved in one process. PQ / AP / mIoU in percent; "
-        "the last row gives cost ratios and quality differences (points).\n",
+        "median of repeated inference runs, both models interleaved in one process. PQ / AP / mIoU in percent: "
+        f"mean ± sample standard deviation over {len(cfg.seed_list)} trainings per model (seeds "
+        f"{', '.join(map(str, cfg.seed_list))}; each seed's numbers under Training); the last row gives cost ratios and "
+        "the differences of the means in points, ± their standard error.\n",
         markdown_table(TABLE_HEAD, table_cells(rows)) + "\n",
         f"PRO-SCALE's encoder needs **{enc_ratio:.1%}** of the baseline's GFLOPs (**{1 - enc_ratio:.0%} less**) "
         f"and the whole model **{tot_ratio:.1%}** ({1 - tot_ratio:.0%} less). The paper reports "
@@ -122,6 +126,9 @@ def comparison_section(cfg: QuickstartConfig, rows: list[dict], measure: dict) -
         "count).\n",
         "### Targets\n",
         markdown_table(["goal", "measured", "met"], goals) + "\n",
+        "Where a gap comes from, and which encoder setting to ship for other data: `proscale tradeoff` trains "
+        "variants (plans, LPE or conv, TRC on or off) x seeds and explains each option's effect from its runs; "
+        "docs/tradeoff.md has its result on this data.\n",
     ]
 
 
@@ -182,23 +189,14 @@ def latency_note(cfg: QuickstartConfig, measure: dict) -> str:
                                             f"{measure.get('cpu_count')} cores." if load else ""))
 
 
-def train_seconds(run: Path) -> float | None:
-    """Seconds the quickstart spent training this run (all its calls; OUT/runs/<key>/train_time.json)."""
-    times = read_json(run / "train_time.json")
-    return float(sum(times)) if times else None
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "n/a"
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
-
-
-def training_table(cfg: QuickstartConfig, plan: dict) -> str:
-    return markdown_table(
-        ["model", "preset", "iterations", "batch", "training time"],
-        [[n, f"`{p}`", str(plan["iterations"]), str(plan["batch_size"]), duration(train_seconds(run_dir(cfg, k)))]
-         for k, n, p in MODELS])
+def training_text(cfg: QuickstartConfig, plan: dict, rows: list[dict], evals: dict) -> str:
+    """Every training run: its seed, metrics, iterations and time."""
+    head, lines = seed_cells(rows, evals)
+    total = sum(r.get("train_seconds") or 0.0 for runs in evals.values() for r in runs)
+    return (markdown_table(head, lines) + "\n\n"
+            f"{len(lines)} trainings of {plan['iterations']} iterations (batch {plan['batch_size']}), "
+            f"{duration(total)} of single-threaded training in all, run side by side on one process per core. "
+            "Each run is single-threaded: its numbers do not depend on the machine's load or core count.")
 
 
 def model_summary(preset: str) -> str:
@@ -213,7 +211,7 @@ def model_summary(preset: str) -> str:
 
 def settings_lines(cfg: QuickstartConfig, plan: dict, evals: dict) -> list[str]:
     """The data, models, training, inference and metrics, one list item each."""
-    inference = (evals.get(MODELS[0][0]) or {}).get("inference", {})
+    r = cfg.recipe
     return [
         f"Data: `proscale.data.generate_synthetic` seed {cfg.seed}, {cfg.num_train} train / {cfg.num_val} val, "
         f"{cfg.image_size}x{cfg.image_size}, difficulty `{cfg.difficulty}` with "
@@ -222,12 +220,13 @@ def settings_lines(cfg: QuickstartConfig, plan: dict, evals: dict) -> list[str]:
            if plan["data"].get("synthetic_unsupported") else "")
         + "; 5 thing classes (shapes: circle, square, triangle, star, ring) and 3 stuff classes (sky, water, ground).",
         *[f"{n}: {model_summary(p)}." for _, n, p in MODELS],
-        f"Training (both): AdamW lr {cfg.lr:g} ({cfg.schedule} schedule), weight decay {cfg.weight_decay:g}, "
-        f"gradient clip {cfg.clip_grad:g}, batch {cfg.batch_size}, {plan['iterations']} iterations ({plan['reason']}), "
-        f"seed {cfg.seed}, horizontal flips; losses: class {cfg.class_weight:g} (no-object {cfg.no_object_weight:g}), "
-        f"mask BCE 5, dice 5 on {cfg.points_fraction:g} x H x W sampled points; deep supervision.",
-        f"Inference: object-mask threshold {inference.get('object_mask_threshold', cfg.object_mask_threshold):g} "
-        f"and overlap threshold {inference.get('overlap_threshold', cfg.overlap_threshold):g} (Mask2Former's COCO "
+        f"Training (both models, every seed; proscale.recipes.SmallRecipe): AdamW lr {r.lr:g} ({r.schedule} "
+        f"schedule, {r.warmup_iters} warm-up iterations), weight decay {r.weight_decay:g}, gradient clip "
+        f"{r.clip_grad:g}, batch {r.batch_size}, {plan['iterations']} iterations, seeds {', '.join(map(str, cfg.seed_list))}, "
+        f"horizontal flips; losses: class {r.class_weight:g} (no-object {r.no_object_weight:g}), mask BCE 5, "
+        f"dice 5 on {r.points_fraction:g} x H x W sampled points; deep supervision.",
+        f"Inference: object-mask threshold {r.object_mask_threshold:g} "
+        f"and overlap threshold {r.overlap_threshold:g} (Mask2Former's COCO "
         "setting is 0.8 / 0.8: a model trained for minutes is rarely that confident).",
         "Metrics: PQ from proscale.evaluation (COCO panoptic definition), mask AP with pycocotools on the thing "
         "classes, mIoU from the semantic inference (sum over queries of class probability x mask).",

@@ -1,4 +1,4 @@
-"""The quickstart's working stages: 1 data, 3 train, 4 evaluate, 5 measure (2, the plan, is
+"""The quickstart's working stages: 1 data, 3 train and evaluate, 5 measure (2, the plan, is
 proscale/quickstart/plan.py; 6, the report, proscale/quickstart/report.py).
 
 Each stage first checks what OUT already holds for this plan (its `id`) and keeps it, so that a
@@ -6,28 +6,26 @@ re-run resumes instead of starting over.
 """
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import os
 import platform
 import threading
-import time
 from pathlib import Path
 
 import torch
 
 from proscale.analysis.benchmark import component_fns, time_fn
 from proscale.analysis.flops import count_flops
-from proscale.data import build_dataloader, generate_synthetic
+from proscale.data import generate_synthetic
 from proscale.distributed import resolve_device
-from proscale.engine.evaluate import evaluate
-from proscale.engine.train import train
+from proscale.engine.train import split_overrides
 from proscale.fileio import read_json, write_json
 from proscale.predictor import PredictorSettings, load_for_inference
-from proscale.quickstart.config import MODELS, QuickstartConfig, data_params, data_root, run_dir, val_dataset
+from proscale.quickstart.config import MODELS, QuickstartConfig, data_params, data_root, data_spec, run_dir
 from proscale.quickstart.console import progress_bar, say
 from proscale.quickstart.plan import loadavg
-from proscale.quickstart.train_config import train_config
+from proscale.tradeoff.runs import Job, run_jobs
 
 logger = logging.getLogger("proscale.quickstart")
 
@@ -73,97 +71,42 @@ def stage_data(cfg: QuickstartConfig) -> Path:
     return root
 
 
-# ------------------------------------------------------------------------------ 3. training
-RUN_FILES = ("last_checkpoint", "metrics.jsonl", "done.json", "train_time.json", "quickstart_run.json")
+# --------------------------------------------------------------------- 3. training and evaluation
+def jobs(cfg: QuickstartConfig) -> list[Job]:
+    """One engine training + evaluation per model and seed: the same recipe for all of them."""
+    stamp = json.dumps(data_params(cfg), sort_keys=True)  # the generated data are a function of these
+    out = []
+    for key, _, preset in MODELS:
+        for seed in cfg.seed_list:
+            tcfg = cfg.recipe.train_config(preset=preset, data=data_spec(cfg), image_size=cfg.image_size,
+                                           output_dir=str(run_dir(cfg, key, seed)), seed=seed,
+                                           stop_after=cfg.stop_after)
+            out.append(Job(key, seed, split_overrides(tcfg, list(cfg.extra_overrides)), data_spec(cfg),
+                           data_stamp=stamp))
+    return out
 
 
-def clear_run(run: Path) -> None:
-    """Removes a run's checkpoints and logs (they belong to another plan)."""
-    for p in run.glob("model_*.pt"):
-        p.unlink()
-    for name in RUN_FILES:
-        (run / name).unlink(missing_ok=True)
-
-
-def finished_iteration(run: Path, plan: dict) -> int | None:
-    """The iteration a completed training of this plan stopped at (OUT/runs/<model>/done.json,
-    written after model_final.pt), or None when there is none."""
-    stamp = read_json(run / "done.json")
-    if stamp and stamp.get("plan_id") == plan["id"] and (run / "model_final.pt").is_file():
-        return int(stamp.get("iteration", -1))
-    return None
-
-
-def stage_train(cfg: QuickstartConfig, plan: dict) -> dict[str, dict]:
-    """Trains each model with proscale.engine.train into OUT/runs/<key>: an interrupted run
-    continues from its newest checkpoint (the engine's resume); a finished one of this plan is
-    kept; one of another plan is cleared first. Returns key -> {"status", "iteration", ...}."""
-    results = {}
-    for key, name, preset in MODELS:
-        run = run_dir(cfg, key)
-        done = finished_iteration(run, plan)
-        if done == plan["iterations"]:
-            say(f"[3/6] train {name}: {run}/model_final.pt at iteration {done}, kept")
-            results[key] = {"status": "kept", "iteration": done}
-            continue
-        owner = read_json(run / "quickstart_run.json")
-        if run.is_dir() and (owner or {}).get("plan_id") != plan["id"]:
-            clear_run(run)  # checkpoints of other data or settings: the engine must not resume them
-        write_json(run / "quickstart_run.json", {"plan_id": plan["id"]})
-        say(f"[3/6] train {name} ({preset}), {plan['iterations']} iterations -> {run}")
-        tcfg = train_config(cfg, key, preset, plan["iterations"])
-        start = time.perf_counter()
-        result = train(tcfg, resume=True)
-        result["seconds"] = time.perf_counter() - start
-        # Seconds of each call that trained (a resumed run adds up its parts).
-        timing = read_json(run / "train_time.json") or []
-        timing.append(result["seconds"])
-        write_json(run / "train_time.json", timing)
-        if result["status"] != "completed":
-            raise RuntimeError(f"training {name} stopped ({result['status']}) at iteration {result['iteration']}; "
-                               f"run the quickstart again to continue")
-        write_json(run / "done.json", {"iteration": result["iteration"], "seconds": sum(timing),
-                                       "plan_id": plan["id"]})
-        results[key] = {"status": "trained", "iteration": result["iteration"], "seconds": result["seconds"]}
-    return results
+def stage_train(cfg: QuickstartConfig, plan: dict) -> dict[str, list[dict]]:
+    """Trains and evaluates every (model, seed) run (proscale.tradeoff.runs: one single-threaded
+    process per core; finished runs kept, interrupted ones resumed). Returns key -> the runs'
+    results in seed order ({"seed", "status", "metrics", "train_seconds", ...})."""
+    todo = jobs(cfg)
+    budget = cfg.budget_minutes * 60
+    results = run_jobs(todo, cfg.workers, cfg.progress, say=lambda m: say(f"[3/6] {m}"), budget_s=budget)
+    stopped = [r for r in results if r["status"] not in ("completed", "kept")]
+    if stopped:
+        r = stopped[0]
+        raise RuntimeError(f"training {r['variant']} seed {r['seed']} stopped ({r['status']}) at iteration "
+                           f"{r['iteration']}; run the quickstart again to continue")
+    by_key: dict[str, list[dict]] = {key: [] for key, _, _ in MODELS}
+    for job, result in zip(todo, results):
+        by_key[job.variant].append(result)
+    return by_key
 
 
 def load_trained(cfg: QuickstartConfig, key: str) -> tuple[torch.nn.Module, PredictorSettings]:
-    """(model in eval mode, its inference settings) from OUT/runs/<key>/model_final.pt."""
+    """(model in eval mode, its inference settings) of the first seed's run of model `key`."""
     return load_for_inference(run_dir(cfg, key) / "model_final.pt", resolve_device(cfg.device))
-
-
-# ---------------------------------------------------------------------------- 4. evaluation
-def stage_eval(cfg: QuickstartConfig, plan: dict) -> dict[str, dict]:
-    """OUT/eval/<key>.json per model: PQ (things / stuff), mask AP and mIoU on the val split,
-    with the inference settings used. Returns key -> that JSON."""
-    results = {}
-    dataset = None
-    for key, name, _ in MODELS:
-        path = Path(cfg.out) / "eval" / f"{key}.json"
-        stored = read_json(path)
-        if stored and stored.get("plan_id") == plan["id"]:
-            say(f"[4/6] evaluate {name}: {path} exists, kept")
-            results[key] = stored
-            continue
-        dataset = dataset or val_dataset(cfg)
-        model, info = load_trained(cfg, key)
-        loader = build_dataloader(dataset, min(8, len(dataset)), train=False, num_workers=0)
-        say(f"[4/6] evaluate {name} on {len(dataset)} val images")
-        with progress_bar(cfg, total=len(loader), desc=f"eval {key}", unit="batch") as bar:
-            def batches():
-                for batch in loader:
-                    yield batch
-                    bar.update(1)
-
-            metrics = evaluate(model, batches(), dataset.metadata, ("panoptic", "instance", "semantic"),
-                               info.inference, device=resolve_device(cfg.device))
-        stored = {"plan_id": plan["id"], "iteration": plan["iterations"],
-                  "inference": dataclasses.asdict(info.inference),
-                  "metrics": metrics}
-        write_json(path, stored)
-        results[key] = stored
-    return results
 
 
 # --------------------------------------------------------------------------- 5. measurement
@@ -177,7 +120,7 @@ def stage_measure(cfg: QuickstartConfig, plan: dict) -> dict:
     path = Path(cfg.out) / "measure.json"
     stored = read_json(path)
     settings = {"warmup": cfg.latency_warmup, "repeats": cfg.latency_repeats, "rounds": cfg.latency_rounds,
-                "larger": cfg.latency_large_size, "device": cfg.device, "threads": cfg.threads}
+                "larger": cfg.latency_large_size, "device": cfg.device}
     if stored and stored.get("plan_id") == plan["id"] and stored.get("settings") == settings:
         say(f"[5/6] measure: {path} exists, kept")
         return stored

@@ -1,6 +1,7 @@
-"""Markdown -> one self-contained HTML page, for the quickstart's report: headings, paragraphs,
-lists, tables, `code`, **bold**, and images embedded as data URIs (the page can be mailed or
-opened anywhere on its own). Only the forms report.md uses; not a general markdown renderer."""
+"""Tables as markdown or fixed-width text, and markdown -> one self-contained HTML page, for the
+reports of `proscale quickstart` and `proscale tradeoff`: headings, paragraphs, lists, tables,
+`code`, **bold**, and images embedded as data URIs (the page can be mailed or opened anywhere on
+its own). Only the forms those reports use; not a general markdown renderer."""
 from __future__ import annotations
 
 import base64
@@ -12,6 +13,22 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
 table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px}
 th{background:#f2f2f2}td:not(:first-child){text-align:right}tr:nth-child(even){background:#fafafa}
 img{max-width:100%;border:1px solid #eee;margin:0.5em 0}code{background:#f4f4f4;padding:0 3px}"""
+
+
+def markdown_table(head: list[str], lines: list[list[str]]) -> str:
+    """First column left-aligned, the others right-aligned."""
+    out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    return "\n".join(out + ["| " + " | ".join(cells) + " |" for cells in lines])
+
+
+def text_table(head: list[str], lines: list[list[str]]) -> str:
+    """Fixed-width table for the terminal."""
+    widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
+
+    def line(row):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in lines])
 
 
 def inline(text: str) -> str:
