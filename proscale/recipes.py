@@ -25,7 +25,7 @@ class SmallRecipe:
     clip_grad: float = 1.0
     class_weight: float = 2.0
     no_object_weight: float = 0.1
-    points_fraction: float = 0.25  # sampled points per mask = this * H * W (12,544 is for 1024 px)
+    points_fraction: float = 0.25  # sampled points per mask = this * H * W, at most Mask2Former's 12,544
     checkpoint_period: int = 200
     # Mask2Former's COCO values are 0.8 / 0.8; a model trained for minutes is rarely that sure.
     object_mask_threshold: float = 0.5
@@ -46,7 +46,7 @@ class SmallRecipe:
             solver=SolverConfig(lr=self.lr, schedule=self.schedule, warmup_iters=self.warmup_iters,
                                 weight_decay=self.weight_decay, clip_grad=self.clip_grad,
                                 backbone_multiplier=1.0),  # from scratch: the backbone learns as fast as the rest
-            loss=LossConfig(num_points=max(64, int(self.points_fraction * image_size * image_size)),
+            loss=LossConfig(num_points=max(64, min(12544, int(self.points_fraction * image_size * image_size))),
                             class_weight=self.class_weight, no_object_weight=self.no_object_weight),
             test=InferenceConfig(object_mask_threshold=self.object_mask_threshold,
                                  overlap_threshold=self.overlap_threshold, semantic_on=True),

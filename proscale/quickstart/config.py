@@ -67,6 +67,23 @@ class QuickstartConfig:
         return [self.seed + k for k in range(self.seeds)]
 
 
+# Named data settings (`proscale quickstart --setting NAME`): QuickstartConfig fields to change.
+SETTINGS: dict[str, dict] = {
+    "default": {},
+    # Many small instances, 256 px, colours that do not follow the class: the class shows only in
+    # the shape (things) or the texture and position (stuff).
+    "hard": {"image_size": 256, "difficulty": "hard",
+             "synthetic": {"min_things": 4, "max_things": 12, "min_radius": 0.04, "max_radius": 0.1,
+                           "class_colors": False}},
+}
+
+
+def with_setting(cfg: QuickstartConfig, name: str) -> QuickstartConfig:
+    if name not in SETTINGS:
+        raise ValueError(f"unknown quickstart setting {name!r}: choose from {', '.join(SETTINGS)}")
+    return dataclasses.replace(cfg, **SETTINGS[name])
+
+
 def data_root(cfg: QuickstartConfig) -> Path:
     return Path(cfg.out) / "data"
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from proscale.fileio import read_json, write_json
-from proscale.quickstart.config import QuickstartConfig
+from proscale.quickstart.config import SETTINGS, QuickstartConfig, with_setting
 from proscale.quickstart.console import say
 from proscale.quickstart.plan import expected_minutes, stage_plan
 from proscale.quickstart.report import write_report
@@ -62,6 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d = QuickstartConfig()
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
     p.add_argument("--seeds", type=int, default=d.seeds, help=f"trainings per model (default {d.seeds})")
+    p.add_argument("--setting", default="default", choices=sorted(SETTINGS),
+                   help="built-in data: default (128 px, colours follow the class) or hard (256 px, many small "
+                        "instances, random colours)")
     p.add_argument("--iterations", type=int, default=0,
                    help=f"iterations per training (default: the recipe's {d.recipe.iterations})")
     p.add_argument("--budget-minutes", type=float, default=d.budget_minutes,
@@ -77,8 +80,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     d = QuickstartConfig()
     recipe = dataclasses.replace(d.recipe, iterations=args.iterations) if args.iterations > 0 else d.recipe
-    cfg = QuickstartConfig(out=args.out, seeds=args.seeds, budget_minutes=args.budget_minutes, workers=args.workers,
-                           device=args.device, seed=args.seed, recipe=recipe, progress=not args.no_progress)
+    cfg = with_setting(QuickstartConfig(out=args.out, seeds=args.seeds, budget_minutes=args.budget_minutes,
+                                        workers=args.workers, device=args.device, seed=args.seed, recipe=recipe,
+                                        progress=not args.no_progress), args.setting)
     result = run_quickstart(cfg)
     print()
     print(result["table"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from proscale.fileio import atomic_write, write_json
 from proscale.report_html import markdown_table, markdown_to_html, text_table
-from proscale.tradeoff.summary import METRICS, Row, gap_explanations, recommend
+from proscale.tradeoff.summary import DETAIL, METRICS, Row, gap_explanations, recommend
 
 PLOT_METRICS = ("PQ", "AP", "mIoU")
 
@@ -34,6 +34,14 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
                       f"{ms:.1f}" if ms is not None else "-", *[_cell(r, m) for m in METRICS], str(n),
                       "yes" if r.pareto else ""])
     return head, lines
+
+
+def detail_table(rows: list[Row]) -> tuple[list[str], list[list[str]]] | None:
+    """SQ, RQ, AP50, AP75 (mean ± std) per variant, when the runs have them."""
+    if not any(r.metrics.get(m) for r in rows for m in DETAIL):
+        return None
+    return (["variant", *[f"{m} (mean ± std)" for m in DETAIL]],
+            [[r.name, *[_cell(r, m) for m in DETAIL]] for r in rows])
 
 
 def plot(rows: list[Row], results: list[dict], path: Path) -> Path:
@@ -92,6 +100,9 @@ def write_report(cfg, rows: list[Row], results: list[dict]) -> dict:
         "",
         markdown_table(head, lines),
         "",
+        *(["Where the differences come from: PQ = SQ (segmentation quality, the IoU of matched segments) x RQ "
+           "(recognition quality, F1 of finding them); AP50 / AP75: mask AP at IoU 0.5 / 0.75.", "",
+           markdown_table(*detail_table(rows)), ""] if detail_table(rows) else []),
         "Metrics are means over seeds ± their sample standard deviation; GFLOPs are counted at the training size "
         "(fvcore's convention, batch 1); latency is the median of interleaved runs of the pixel decoder, one thread, "
         "batch 1, on the machine that ran this report.",

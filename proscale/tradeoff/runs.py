@@ -120,17 +120,12 @@ def run_job(job: Job) -> dict:
 
 
 def summary_metrics(results: dict) -> dict:
-    """The headline numbers of an evaluation: PQ, PQ_th, PQ_st, AP, mIoU (those it has)."""
-    out = {}
-    pan, inst, sem = results.get("panoptic") or {}, results.get("instance") or {}, results.get("semantic") or {}
-    for key in ("PQ", "PQ_th", "PQ_st"):
-        if pan.get(key) is not None:
-            out[key] = float(pan[key])
-    if inst.get("AP") is not None:
-        out["AP"] = float(inst["AP"])
-    if sem.get("mIoU") is not None:
-        out["mIoU"] = float(sem["mIoU"])
-    return out
+    """The numbers of an evaluation that the reports use (those it has): PQ, PQ_th, PQ_st and
+    its parts SQ (segmentation quality) and RQ (recognition quality); mask AP, AP50, AP75; mIoU."""
+    wanted = {"panoptic": ("PQ", "PQ_th", "PQ_st", "SQ", "RQ"), "instance": ("AP", "AP50", "AP75"),
+              "semantic": ("mIoU",)}
+    return {key: float(results[task][key]) for task, keys in wanted.items() for key in keys
+            if (results.get(task) or {}).get(key) is not None}
 
 
 def _worker_init() -> None:

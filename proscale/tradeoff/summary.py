@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from proscale.tradeoff.variants import with_option
 
 METRICS = ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")
+# The parts that say where a PQ / AP difference comes from: segmentation quality (SQ: IoU of the
+# matched segments) or recognition (RQ: finding them), and AP at a loose and a strict IoU.
+DETAIL = ("SQ", "RQ", "AP50", "AP75")
 
 
 @dataclass
@@ -68,7 +71,7 @@ def build_rows(variants, results: list[dict], gflops: dict[str, dict], latency: 
     rows = []
     for v in variants:
         runs = [r for r in results if r["variant"] == v.key and r.get("metrics")]
-        stats = {m: Stat([r["metrics"][m] for r in runs if m in r["metrics"]]) for m in METRICS}
+        stats = {m: Stat([r["metrics"][m] for r in runs if m in r["metrics"]]) for m in METRICS + DETAIL}
         rows.append(Row(v.key, v.name, gflops.get(v.key, {}), {m: s for m, s in stats.items() if s.n},
                         (latency or {}).get(v.key, {})))
     mark_pareto(rows)
@@ -121,8 +124,10 @@ def gap_explanations(rows: list[Row], metric: str = "PQ") -> list[str]:
             continue
         spread = math.hypot(r.metrics[metric].sem, base.metrics[metric].sem)
         verdict = "within the seed noise" if abs(gap) <= 2 * spread else ("better" if gap > 0 else "worse")
+        parts = [f"{m} {r.mean(m) - base.mean(m):+.1f}" for m in DETAIL
+                 if not math.isnan(r.mean(m) - base.mean(m))]
         lines.append(f"{r.name}: {gap:+.1f} {metric} against {base.name} (standard error of the difference "
-                     f"{spread:.1f}: {verdict}).")
+                     f"{spread:.1f}: {verdict})" + (f"; {', '.join(parts)}" if parts else "") + ".")
     for option, label in (("-conv", "the 3x3 conv instead of LPE"), ("-notrc", "no TRC"), ("-res", "RESIDUAL")):
         for r in rows:
             if r.is_baseline or option in r.key:
