@@ -11,12 +11,12 @@ from pathlib import Path
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px}
-th{background:#f2f2f2}td:not(:first-child){text-align:right}tr:nth-child(even){background:#fafafa}
+th{background:#f2f2f2}td.num{text-align:right;white-space:nowrap}tr:nth-child(even){background:#fafafa}
 img{max-width:100%;border:1px solid #eee;margin:0.5em 0}code{background:#f4f4f4;padding:0 3px}"""
 
 
 def markdown_table(head: list[str], lines: list[list[str]]) -> str:
-    """First column left-aligned, the others right-aligned."""
+    """First column left-aligned, the others right-aligned (in HTML, columns of numbers are right-aligned)."""
     out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     return "\n".join(out + ["| " + " | ".join(cells) + " |" for cells in lines])
 
@@ -44,6 +44,24 @@ def embedded_image(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+NUMBER = re.compile(r"[-+]?\.?\d")  # how a number cell starts: 0.039, +2.6 ± 1.8, 0.50x, 64x64, 2 s
+NOT_A_NUMBER = {"", "-", "n/a", "nan"}  # placeholders that may stand in a column of numbers
+
+
+def numeric_columns(rows: list[list[str]]) -> list[bool]:
+    """Per column: True when every body cell is a number (or a placeholder) and one at least is a
+    number. Such columns are right-aligned and kept on one line, the others (and the first, the row
+    labels) left-aligned."""
+    width = max(len(r) for r in rows)
+
+    def is_numeric(col):
+        cells = [r[col].replace("**", "").strip() for r in rows[1:] if col < len(r)]
+        return (col > 0 and any(NUMBER.match(c) for c in cells)
+                and all(NUMBER.match(c) or c.lower() in NOT_A_NUMBER for c in cells))
+
+    return [is_numeric(col) for col in range(width)]
+
+
 def markdown_to_html(md_text: str, out: Path, images: dict[Path, str], title: str) -> str:
     """The page of `md_text`, whose image links are relative to the folder `out`; `images`: path
     -> alt text of the images to embed (others are read from `out` when they exist)."""
@@ -54,8 +72,10 @@ def markdown_to_html(md_text: str, out: Path, images: dict[Path, str], title: st
         if table:
             rows = [r for r in table if not re.fullmatch(r"\|[-:| ]+\|", r)]
             cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+            tds = ["<td class='num'>" if n else "<td>" for n in numeric_columns(cells)]
             body.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in cells[0]) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+                        + "".join("<tr>" + "".join(f"{tds[i]}{inline(c)}</td>" for i, c in enumerate(r)) + "</tr>"
+                                  for r in cells[1:])
                         + "</table>")
             table.clear()
         if items:
