@@ -16,8 +16,9 @@ img{max-width:100%;border:1px solid #eee;margin:0.5em 0}code{background:#f4f4f4;
 
 
 def markdown_table(head: list[str], lines: list[list[str]]) -> str:
-    """First column left-aligned, the others right-aligned (in HTML, columns of numbers are right-aligned)."""
-    out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    """Columns of numbers right-aligned, the others left-aligned (as the HTML page shows them)."""
+    numeric = numeric_columns([head] + lines)
+    out = ["| " + " | ".join(head) + " |", "|" + "".join("---:|" if n else "---|" for n in numeric)]
     return "\n".join(out + ["| " + " | ".join(cells) + " |" for cells in lines])
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime
 import math
 import shlex
-import sys
 from pathlib import Path
 
 from proscale.fileio import atomic_write, write_json
@@ -51,9 +50,10 @@ def plot(rows: list[Row], results: list[dict], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(5.2 * len(PLOT_METRICS), 4.4), dpi=100)
-    colors = plt.get_cmap("tab20")
+    colors = plt.get_cmap("tab10")
     for ax, metric in zip(axes, PLOT_METRICS):
         for i, r in enumerate(rows):
             stat = r.metrics.get(metric)
@@ -62,14 +62,15 @@ def plot(rows: list[Row], results: list[dict], path: Path) -> Path:
             x = r.gflops["pixel_decoder"]
             seeds = [res["metrics"][metric] for res in results if res["variant"] == r.key and metric in
                      res.get("metrics", {})]
-            ax.scatter([x] * len(seeds), seeds, s=10, color=colors(i % 20), alpha=0.5)
+            ax.scatter([x] * len(seeds), seeds, s=10, color=colors(i % 10), alpha=0.5)
             ax.errorbar([x], [stat.mean], yerr=[stat.std], fmt="*" if r.pareto and metric == "PQ" else "o",
-                        ms=11 if r.pareto and metric == "PQ" else 6, color=colors(i % 20), capsize=3, label=r.name)
+                        ms=11 if r.pareto and metric == "PQ" else 6, color=colors(i % 10), capsize=3, label=r.name)
         if metric == "PQ":
             front = sorted((r for r in rows if r.pareto), key=lambda r: r.gflops["pixel_decoder"])
             ax.plot([r.gflops["pixel_decoder"] for r in front], [r.mean("PQ") for r in front], "k--", lw=1,
                     label="Pareto front")
         ax.set_xlabel("pixel decoder GFLOPs")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
@@ -80,14 +81,25 @@ def plot(rows: list[Row], results: list[dict], path: Path) -> Path:
     return path
 
 
+def command_line(cfg) -> str:
+    """The `proscale tradeoff` command that reproduces this report (from its config)."""
+    from proscale.recipes import SmallRecipe
+
+    default = SmallRecipe()
+    recipe = [f"{k}={v}" for k, v in vars(cfg.recipe).items() if getattr(default, k) != v]
+    args = ["proscale", "tradeoff", "--data", cfg.data, "--val-data", cfg.val_data, "--out", cfg.out,
+            "--preset", cfg.preset, "--variants", cfg.variants, "--seeds", str(cfg.seeds), "--size", str(cfg.size),
+            *recipe, *cfg.overrides]
+    return " ".join(shlex.quote(a) for a in args)
+
+
 def write_report(cfg, rows: list[Row], results: list[dict]) -> dict:
     out = Path(cfg.out)
     head, lines = table(rows)
     rec = recommend(rows, cfg.tolerance)
     explanations = gap_explanations(rows)
     png = plot(rows, results, out / "tradeoff.png")
-    command = " ".join(shlex.quote(a) for a in ["proscale", *sys.argv[1:]]) if sys.argv[0].endswith(
-        ("proscale", "__main__.py")) else "proscale tradeoff ..."
+    command = command_line(cfg)
     seeds_info = f"{cfg.seeds} seed{'s' if cfg.seeds > 1 else ''} per variant"
     md = "\n".join([
         "# PRO-SCALE tradeoff",
