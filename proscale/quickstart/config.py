@@ -72,7 +72,7 @@ SETTINGS: dict[str, dict] = {
     "default": {},
     # Many small instances, 256 px, colours that do not follow the class: the class shows only in
     # the shape (things) or the texture and position (stuff).
-    "hard": {"image_size": 256, "difficulty": "hard",
+    "hard": {"image_size": 256, "difficulty": "hard", "budget_minutes": 40.0,
              "synthetic": {"min_things": 4, "max_things": 12, "min_radius": 0.04, "max_radius": 0.1,
                            "class_colors": False}},
 }

@@ -32,7 +32,8 @@ def expected_minutes(cfg: QuickstartConfig, workers: int) -> float:
     """Training time on an idle CPU like the development machine's: jobs share `workers` cores."""
     jobs = len(MODELS) * cfg.seeds
     rounds = -(-jobs // max(1, workers))
-    return rounds * cfg.recipe.iterations * SECONDS_PER_ITERATION / 60
+    area = (cfg.image_size / 128) ** 2  # a step's cost grows about with the number of pixels
+    return rounds * cfg.recipe.iterations * SECONDS_PER_ITERATION * area / 60
 
 
 def stage_plan(cfg: QuickstartConfig) -> dict:

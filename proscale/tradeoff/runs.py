@@ -97,6 +97,8 @@ def run_job(job: Job) -> dict:
     from proscale.engine.train import train
 
     torch.set_num_threads(1)
+    if _PARENT is not None and os.getppid() != _PARENT:  # the parent is gone: take no queued job
+        raise SystemExit(f"proscale worker {os.getpid()}: the process that started it has ended")
     done = finished(job)
     if done:
         return {**done, "status": "kept"}
@@ -134,6 +136,27 @@ def _worker_init() -> None:
     import torch
 
     torch.set_num_threads(1)
+    global _PARENT
+    _PARENT = os.getppid()
+    _stop_with_parent()
+
+
+_PARENT: int | None = None  # the pid that started this worker (None outside workers)
+
+
+def _stop_with_parent() -> None:
+    """Linux: SIGTERM this worker when the process that started it dies (even by SIGKILL), so
+    that no orphan keeps training; the engine then saves a checkpoint and stops, and a re-run
+    resumes. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def default_workers() -> int:
