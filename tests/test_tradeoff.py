@@ -70,3 +70,48 @@ def test_tradeoff_end_to_end(tmp_path):
     again = run_tradeoff(cfg, say=lambda m: None)
     assert (tmp_path / "out" / "runs" / "p333" / "seed1" / "result.json").stat().st_mtime_ns == stamp
     assert again["table"] == result["table"]
+
+
+def test_workers_stop_when_the_command_is_killed(tmp_path):
+    """kill -9 of `proscale tradeoff` must not leave its training processes running: each saves a
+    checkpoint and stops (a re-run resumes from it), and none starts a queued job."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from proscale.data import generate_synthetic
+
+    root = generate_synthetic(str(tmp_path / "data"), num_train=4, num_val=2, image_size=64, seed=0)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "proscale", "tradeoff", "--data", f"synthetic:{root}", "--out", str(out),
+           "--variants", "m2f,p111", "--seeds", "1", "--size", "64", "--workers", "1", "--no-progress",
+           "--no-latency", "iterations=100000", "batch_size=2", "checkpoint_period=100000"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = out / "runs" / "m2f" / "seed0"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+            time.sleep(0.2)
+        assert (run / "metrics.jsonl").is_file(), "training did not start"
+        worker = json.loads((run / ".lock").read_text())["pid"]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            raise AssertionError("the training process outlived its command")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert list(run.glob("model_0*.pt")), "no checkpoint saved on the way out"
+    assert not (out / "runs" / "p111").exists()  # the queued job never started

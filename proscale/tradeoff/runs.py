@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -94,11 +95,19 @@ def run_job(job: Job) -> dict:
     result ({"id", "variant", "seed", "status", "iteration", "metrics", "train_seconds"})."""
     import torch
 
-    from proscale.engine.train import train
-
     torch.set_num_threads(1)
     if _PARENT is not None and os.getppid() != _PARENT:  # the parent is gone: take no queued job
         raise SystemExit(f"proscale worker {os.getpid()}: the process that started it has ended")
+    _BUSY.set()
+    try:
+        return _run_job(job)
+    finally:
+        _BUSY.clear()
+
+
+def _run_job(job: Job) -> dict:
+    from proscale.engine.train import train
+
     done = finished(job)
     if done:
         return {**done, "status": "kept"}
@@ -139,9 +148,19 @@ def _worker_init() -> None:
     global _PARENT
     _PARENT = os.getppid()
     _stop_with_parent()
+    threading.Thread(target=_exit_when_orphaned, daemon=True).start()
+
+
+def _exit_when_orphaned() -> None:
+    """Ends an idle worker whose parent is gone: it would wait for its next job forever."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != _PARENT and not _BUSY.is_set():
+            os._exit(0)
 
 
 _PARENT: int | None = None  # the pid that started this worker (None outside workers)
+_BUSY = threading.Event()  # set while a worker runs a job
 
 
 def _stop_with_parent() -> None:
