@@ -17,9 +17,10 @@ from proscale.fileio import read_json, write_json
 from proscale.quickstart.config import MODELS, QuickstartConfig, data_params
 from proscale.quickstart.console import say
 
-# Seconds per training iteration of the nano presets at 128 px, batch 4, one thread, measured on
-# the 2-core development CPU (AMD EPYC) while idle: the basis of the expected duration only.
-SECONDS_PER_ITERATION = 0.22
+# Seconds per training iteration of the nano presets at 128 px, batch 4, one thread each, two
+# trainings at once on the otherwise idle 2-core development CPU (AMD EPYC; m2f_nano 0.33,
+# proscale_nano_333 0.28, `proscale tradeoff ... iterations=60`): only for the expected duration.
+SECONDS_PER_ITERATION = 0.31
 
 
 def training_settings(cfg: QuickstartConfig) -> dict:

@@ -125,6 +125,18 @@ def stage_measure(cfg: QuickstartConfig, plan: dict) -> dict:
         say(f"[5/6] measure: {path} exists, kept")
         return stored
     device = resolve_device(cfg.device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # One thread, as every training ran: latency then follows the work done, and a busy
+        # machine slows it in proportion instead of stalling threads that wait for each other.
+        torch.set_num_threads(1)
+    try:
+        return measure(cfg, plan, device, path, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure(cfg: QuickstartConfig, plan: dict, device: torch.device, path: Path, settings: dict) -> dict:
     sizes = [cfg.image_size] + ([cfg.latency_large_size] if cfg.latency_large_size > cfg.image_size else [])
     models = {key: load_trained(cfg, key)[0] for key, _, _ in MODELS}
     rows = ("pixel_decoder/infer", "model/infer")
