@@ -51,10 +51,11 @@ def get_preset(name: str) -> ModelConfig:
     return PRESETS[name]()
 
 
-def proscale_encoder(plan: tuple[int, int, int], layout: str = "official", **kw) -> EncoderConfig:
+def proscale_encoder(plan: tuple[int, int, int], layout: str = "official", output: str = "lpe",
+                     **kw) -> EncoderConfig:
     """PRO-SCALE as released: TRC (temperature 0.1) and LPE. `layout="official"` reproduces the
     authors' weights; use "spatial" for models trained from scratch (see models/encoder.py)."""
-    return EncoderConfig(plan=plan, trc=True, trc_temperature=0.1, trc_layout=layout, output="lpe", **kw)
+    return EncoderConfig(plan=plan, trc=True, trc_temperature=0.1, trc_layout=layout, output=output, **kw)
 
 
 def _r50(encoder: EncoderConfig) -> ModelConfig:
@@ -154,3 +155,12 @@ def m2f_nano() -> ModelConfig:
 def proscale_nano_333() -> ModelConfig:
     """CPU preset: as m2f_nano with the PRO-SCALE (3,3,3) encoder (spatial TRC layout)."""
     return _nano(proscale_encoder((3, 3, 3), layout="spatial"))
+
+
+@register_preset
+def proscale_nano_331_conv() -> ModelConfig:
+    """CPU preset: as m2f_nano with the PRO-SCALE (3,3,1) encoder and the 3x3 conv output instead
+    of LPE (spatial TRC layout): 0.51x m2f_nano's pixel-decoder GFLOPs at 128 px. What
+    `proscale tradeoff` recommends on the quickstart's 128 px data, where LPE's max-pool costs mask
+    boundary quality (docs/tradeoff.md); `proscale quickstart` trains it."""
+    return _nano(proscale_encoder((3, 3, 1), layout="spatial", output="conv"))

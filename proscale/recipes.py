@@ -1,6 +1,6 @@
 """Training recipes: the solver, loss and inference settings that make a preset learn.
 
-`SmallRecipe` trains the CPU-sized presets (m2f_nano / proscale_nano_333, m2f_tiny /
+`SmallRecipe` trains the CPU-sized presets (m2f_nano / proscale_nano_*, m2f_tiny /
 proscale_tiny_333) from scratch on small images in minutes; `proscale quickstart` and
 `proscale tradeoff` use it. (The COCO recipe of the full-size presets is TrainConfig's defaults:
 docs/method.md, training recipe.)

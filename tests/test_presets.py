@@ -19,7 +19,7 @@ from proscale.config import BackboneConfig, ModelConfig, to_dict
 from proscale.models.backbone import build_backbone
 
 EXPECTED_PRESETS = [
-    "m2f_nano", "m2f_r50", "m2f_swin_t", "m2f_tiny", "proscale_nano_333", "proscale_r50_111",
+    "m2f_nano", "m2f_r50", "m2f_swin_t", "m2f_tiny", "proscale_nano_331_conv", "proscale_nano_333", "proscale_r50_111",
     "proscale_r50_222", "proscale_r50_333", "proscale_swin_t_111", "proscale_swin_t_222",
     "proscale_swin_t_333", "proscale_tiny_333",
 ]
@@ -66,7 +66,7 @@ def test_registry_holds_the_documented_presets():
 
 def test_list_presets_filter():
     assert presets.list_presets("proscale_r50_*") == ["proscale_r50_111", "proscale_r50_222", "proscale_r50_333"]
-    assert presets.list_presets("*nano*") == ["m2f_nano", "proscale_nano_333"]
+    assert presets.list_presets("*nano*") == ["m2f_nano", "proscale_nano_331_conv", "proscale_nano_333"]
     assert presets.list_presets("m2f_*") == ["m2f_nano", "m2f_r50", "m2f_swin_t", "m2f_tiny"]
     assert presets.list_presets("*_33?") == [n for n in EXPECTED_PRESETS if n.endswith("_333")]
     assert presets.list_presets("resnet*") == []

@@ -18,7 +18,8 @@ Stages (each one first checks what OUT already holds, so a re-run resumes instea
   6. report    OUT/report.md, OUT/report.html, OUT/plots/*.png, OUT/overlays/*.png, kept when its
                inputs did not change; then the comparison table (means ± std over seeds) is printed.
 
-The model presets are `m2f_nano` and `proscale_nano_333` (proscale/presets.py).
+The model presets are `m2f_nano` and `proscale_nano_331_conv` (proscale/presets.py; why that
+PRO-SCALE setting: proscale/quickstart/config.py, MODELS).
 
 The files, lower floors first:
     config.py        QuickstartConfig, MODELS, where results lie under OUT

@@ -126,9 +126,10 @@ def comparison_section(cfg: QuickstartConfig, rows: list[dict], measure: dict) -
         "count).\n",
         "### Targets\n",
         markdown_table(["goal", "measured", "met"], goals) + "\n",
-        "Where a gap comes from, and which encoder setting to ship for other data: `proscale tradeoff` trains "
-        "variants (plans, LPE or conv, TRC on or off) x seeds and explains each option's effect from its runs; "
-        "docs/tradeoff.md has its result on this data.\n",
+        f"The PRO-SCALE model here ({model_summary(MODELS[-1][2])}) is the setting `proscale tradeoff` recommends "
+        "for this data. That command trains encoder variants (plans, LPE or the 3x3 conv, TRC on or off) x seeds "
+        "and says from its runs where each gap comes from; docs/tradeoff.md has its result on this data, the "
+        "released (3,3,3) with LPE included. Run it on your own data to choose the setting to ship.\n",
     ]
 
 
