@@ -221,7 +221,7 @@ def run_jobs(jobs: list[Job], workers: int = 0, progress: bool = True, say=print
                 elapsed = time.perf_counter() - start
                 if not warned and done_its >= 0.05 * total and elapsed > 20:
                     projected = elapsed * total / done_its
-                    if projected > budget_s:
+                    if projected > 1.1 * budget_s:  # the early steps' pace is a rough guide
                         warned = True
                         say(f"warning: the training is on course to take {projected / 60:.0f} min, more than the "
                             f"{budget_s / 60:.0f} min expected on an idle 2-core CPU (this machine is slower or "
