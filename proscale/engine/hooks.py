@@ -18,6 +18,7 @@ import torch
 from proscale import distributed as du
 from proscale.engine.checkpointer import checkpoint_name, save_training_checkpoint
 from proscale.engine.loop import HookBase, Trainer
+from proscale.fileio import atomic_write, json_default
 
 logger = logging.getLogger("proscale.train")
 
@@ -52,16 +53,12 @@ class MetricsLog:
     def truncate_after(self, iteration: int) -> None:
         """Drops the lines written after `iteration`: they belong to a run's lost future
         (resuming from an older checkpoint)."""
-        from proscale.fileio import atomic_write
-
         if self.enabled and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines() if iteration_of_record(line) <= iteration]
             atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            from proscale.fileio import json_default
-
             with open(self.path, "a") as f:
                 f.write(json.dumps(record, default=json_default) + "\n")
 

@@ -44,12 +44,6 @@ def ratio(a, b) -> str:
     return "n/a" if a is None or b is None or a == 0 else f"{b / a:.2f}x"
 
 
-def mean_std(stat: Stat) -> str:
-    if not stat.n:
-        return "n/a"
-    return f"{stat.mean:.1f} ± {stat.std:.1f}" if stat.n > 1 else f"{stat.mean:.1f}"
-
-
 def difference(a: Stat, b: Stat) -> str:
     """mean(b) - mean(a) in points, ± the standard error of that difference."""
     if not a.n or not b.n:
@@ -67,7 +61,7 @@ def table_cells(rows: list[dict]) -> list[list[str]]:
     lines = []
     for r in rows:
         lines.append([r["name"], fmt(r["encoder_gflops"], d), fmt(r["total_gflops"], d), fmt(r["encoder_ms"], 2),
-                      fmt(r["model_ms"], 2), *[mean_std(r[m]) for m in METRIC_NAMES]])
+                      fmt(r["model_ms"], 2), *[r[m].text() for m in METRIC_NAMES]])
     base = rows[0]
     for r in rows[1:]:
         lines.append([f"{r['name']} / {base['name']}",
@@ -102,7 +96,7 @@ def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
     out = []
     for r in rows:
         pq = r["PQ"]
-        out.append((f"{r['name']}: PQ >= {TARGET_PQ:g}", mean_std(pq), None if not pq.n else pq.mean >= TARGET_PQ))
+        out.append((f"{r['name']}: PQ >= {TARGET_PQ:g}", pq.text(), None if not pq.n else pq.mean >= TARGET_PQ))
     for metric, margin in (("PQ", TARGET_PQ_GAP), ("AP", TARGET_AP_GAP)):
         a, b = base[metric], ours[metric]
         ok = None if not (a.n and b.n) else b.mean >= a.mean - margin

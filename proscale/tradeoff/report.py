@@ -15,9 +15,7 @@ PLOT_METRICS = ("PQ", "AP", "mIoU")
 
 def _cell(row: Row, metric: str) -> str:
     stat = row.metrics.get(metric)
-    if not stat:
-        return "-"
-    return f"{stat.mean:.1f} ± {stat.std:.1f}" if stat.n > 1 else f"{stat.mean:.1f}"
+    return stat.text("-") if stat else "-"
 
 
 def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:

@@ -40,6 +40,12 @@ class Stat:
         """Standard error of the mean."""
         return self.std / math.sqrt(self.n) if self.n > 1 else 0.0
 
+    def text(self, missing: str = "n/a") -> str:
+        """"mean ± std" with one decimal (the mean alone for one seed)."""
+        if not self.n:
+            return missing
+        return f"{self.mean:.1f} ± {self.std:.1f}" if self.n > 1 else f"{self.mean:.1f}"
+
     def as_dict(self) -> dict:
         return {"mean": self.mean, "std": self.std, "min": min(self.values, default=math.nan),
                 "max": max(self.values, default=math.nan), "n": self.n, "values": self.values}
