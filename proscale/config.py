@@ -137,6 +137,12 @@ class LossConfig:
     importance_sample_ratio: float = 0.75
     # Supervise every intermediate decoder prediction (aux_outputs) too.
     deep_supervision: bool = True
+    # Distillation from a trained teacher (any weights file load_model reads, e.g. the Mask2Former
+    # a PRO-SCALE model was upgraded from): the student's pixel-decoder outputs (multi-scale
+    # encoder maps and mask features) are pulled towards the teacher's by a mean squared error
+    # (models/distill.py). "" = off.
+    distill_from: str = ""
+    distill_weight: float = 1.0
 
 
 @dataclass
@@ -163,6 +169,14 @@ class TrainConfig:
 
     preset: str = "proscale_r50_333"
     model_overrides: tuple[str, ...] = ()  # dotted ModelConfig keys, e.g. "encoder.plan=2,2,2"
+    # Start from these weights (a proscale checkpoint, detectron2 .pkl, PRO-SCALE .pth, transformers
+    # folder or .safetensors): every tensor that fits is loaded, the class head is re-initialised
+    # for other classes, a Mask2Former encoder is mapped onto a PRO-SCALE plan
+    # (proscale/checkpoints/warm_start.py). Unlike --resume, the run starts at iteration 0.
+    init: str = ""
+    # Which baseline encoder layer warm-starts which layer of another plan: "depth" (layer i of N
+    # from layer floor(i * M / N) of M) or "first" (layer i from layer min(i, M - 1)).
+    init_layer_map: str = "depth"
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     loss: LossConfig = field(default_factory=LossConfig)

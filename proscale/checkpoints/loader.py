@@ -98,7 +98,7 @@ class CheckpointInfo:
 
 
 @dataclass
-class _WeightsFile:
+class WeightsFile:
     """A weights file as read: its state dict (file naming) and what describes the model."""
 
     state: dict[str, Any]
@@ -121,17 +121,19 @@ def _stored_config(obj: Mapping[str, Any], where: str) -> ModelConfig | None:
         raise CheckpointError(f"{where}: stored config does not fit this proscale version: {e}") from None
 
 
-def _read(path: Path) -> _WeightsFile:
+def read_weights(path: Path) -> WeightsFile:
+    """A weights file or transformers folder as read: its state dict (file naming), and whatever
+    describes the model (stored config, config.json, class metadata)."""
     if path.is_dir():  # a transformers save_pretrained folder
         hf_config, state, preprocessor = read_hf_folder(path)
-        return _WeightsFile(state, hf_config=hf_config, preprocessor=preprocessor)
+        return WeightsFile(state, hf_config=hf_config, preprocessor=preprocessor)
     obj = safe_load(path)
     state = extract_state_dict(obj, str(path))
-    return _WeightsFile(state, stored_config=_stored_config(obj, str(path)), metadata=obj.get("metadata"),
+    return WeightsFile(state, stored_config=_stored_config(obj, str(path)), metadata=obj.get("metadata"),
                         train_config=obj.get("train_config"))
 
 
-def _model_config(weights: _WeightsFile, converted: Mapping[str, Any], source: str, path: Path,
+def _model_config(weights: WeightsFile, converted: Mapping[str, Any], source: str, path: Path,
                   preset: str | ModelConfig | None) -> ModelConfig:
     """The config to build: `preset`, else the file's stored config, else transformers'
     config.json (in the folder, or beside a .safetensors), else inferred from the weights."""
@@ -167,7 +169,7 @@ def load_model(path: str | os.PathLike, *, preset: str | ModelConfig | None = No
     loads what fits and lists the rest in `info.report`. source: the naming ("auto": detected).
     """
     path = Path(path)
-    weights = _read(path)
+    weights = read_weights(path)
     try:
         converted, source, ignored, unmapped = convert_state_dict(weights.state, source)
     except CheckpointError as e:

@@ -30,6 +30,7 @@ from proscale import distributed as du
 from proscale.config import TrainConfig
 from proscale.data.collate import mix_seed
 from proscale.engine.optim import clip_and_norm
+from proscale.models.distill import feature_distill_loss
 
 
 class HookBase:
@@ -99,6 +100,11 @@ def to_device(batch: dict, device: torch.device) -> tuple[list, list]:
     return images, targets
 
 
+# Losses that are means over a micro-batch (averaged over micro-batches); the others are sums over
+# masks, normalised by the global batch's mask count (loss_scales).
+PER_BATCH_MEANS = ("loss_ce", "loss_distill")
+
+
 def loss_scales(batch_list: list[dict], world: int, device: torch.device) -> tuple[list[float], float]:
     """Per micro-batch factors that make the step's mask losses a mean over the masks of the
     whole global batch (the criterion divides by each micro-batch's count, averaged over ranks),
@@ -155,6 +161,7 @@ class Trainer:
     last: StepResult | None = None
     status: str | None = None  # set by a hook to end the run: "stopped", "interrupted"
     ddp_model: nn.Module | None = None
+    teacher: nn.Module | None = None  # distillation targets (models/distill.FeatureTeacher); None: off
 
     def __post_init__(self):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -216,9 +223,11 @@ class Trainer:
                 with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=use_amp):
                     outputs = self.ddp_model(images)
                 losses = self.criterion(outputs, targets)
+                if self.teacher is not None:
+                    losses["loss_distill"] = feature_distill_loss(outputs["pixel_decoder"], self.teacher(images))
                 if not self.loss_keys:
                     self.loss_keys = list(losses)
-                total = sum(self.criterion.weight(n) * v * (ce_scale if n.startswith("loss_ce") else mask_scale[k])
+                total = sum(self.criterion.weight(n) * v * (ce_scale if n.startswith(PER_BATCH_MEANS) else mask_scale[k])
                             for n, v in losses.items())
                 self.scaler.scale(total).backward()
             vec = torch.stack([losses[n].detach() for n in self.loss_keys] + [total.detach()])

@@ -105,7 +105,10 @@ def build_trainer(cfg: TrainConfig, info: du.DistInfo) -> tuple[Trainer, object,
     """The Trainer of this process, plus the validation loader and its metadata (None without
     validation data). Every rank builds the same initial weights (seeded by cfg.seed)."""
     from proscale.data import build_dataloader
+    from proscale.checkpoints.loader import load_model
+    from proscale.checkpoints.warm_start import warm_start
     from proscale.models.criterion import build_criterion
+    from proscale.models.distill import FeatureTeacher
     from proscale.models.maskformer import build_maskformer
 
     W, A = info.world_size, cfg.solver.accumulate
@@ -117,6 +120,15 @@ def build_trainer(cfg: TrainConfig, info: du.DistInfo) -> tuple[Trainer, object,
     mcfg = build_model_config(cfg, metadata.num_classes)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_maskformer(mcfg).to(info.device)
+    if cfg.init:
+        report = warm_start(model, cfg.init, class_names=[c.name for c in metadata.categories],
+                            layer_map=cfg.init_layer_map)
+        if info.is_main:
+            logger.info("%s", report.table())
+    teacher = None
+    if cfg.loss.distill_from:
+        teacher = FeatureTeacher(load_model(cfg.loss.distill_from, device=info.device)[0])
+        model.keep_features = True
     use_amp = cfg.solver.amp and info.device.type == "cuda"
     amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.solver.amp_dtype]
     if use_amp:
@@ -128,7 +140,8 @@ def build_trainer(cfg: TrainConfig, info: du.DistInfo) -> tuple[Trainer, object,
         scaler=torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16),
         loader=build_dataloader(dataset, micro, train=True, num_workers=cfg.data.num_workers, seed=cfg.seed,
                                 distributed=info.distributed),
-        micro=micro, out=Path(cfg.output_dir), amp_dtype=amp_dtype if use_amp else None, metadata=metadata)
+        micro=micro, out=Path(cfg.output_dir), amp_dtype=amp_dtype if use_amp else None, metadata=metadata,
+        teacher=teacher)
     if val_dataset is None:
         return trainer, None, None
     val_loader = build_dataloader(val_dataset, 1, train=False, num_workers=cfg.data.num_workers,
@@ -231,6 +244,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cfg.data.val = args.val_data
     if args.out:
         cfg.output_dir = args.out
+    if args.init:
+        cfg.init = args.init
     split_overrides(cfg, args.overrides)
     return cfg
 
@@ -268,6 +283,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (checkpoints, metrics.jsonl)")
     p.add_argument("--config", help="YAML TrainConfig (e.g. a run's config.yaml); flags and key=value win")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--init", metavar="WEIGHTS",
+                   help="start from these weights (proscale .pt, detectron2 .pkl, PRO-SCALE .pth, transformers "
+                        "folder / .safetensors): what fits is loaded, the class head follows the data's classes, "
+                        "a Mask2Former encoder is mapped onto a PRO-SCALE plan; prints what was loaded")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="TrainConfig keys (iterations=, batch_size=, solver.lr=, data.image_size=, ...) or "
                         "model keys (encoder.plan=3,3,3, backbone.freeze_bn=true, model.<key>=...)")

@@ -103,6 +103,7 @@ class SetCriterion(nn.Module):
             "loss_ce": cfg.class_weight,
             "loss_mask": cfg.mask_weight,
             "loss_dice": cfg.dice_weight,
+            "loss_distill": cfg.distill_weight,  # added by the training step when distilling (models/distill.py)
         }
         # Filled for the aux keys (loss_ce_0 ...) on the first forward that produces them;
         # `weight(key)` resolves any suffix without it.

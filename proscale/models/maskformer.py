@@ -20,6 +20,8 @@ class MaskFormer(nn.Module):
         {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, Hp/4, Wp/4),
          "aux_outputs": [{"pred_logits", "pred_masks"}] * dec_layers,
          "image_sizes": [(H_i, W_i)], "padded_size": (Hp, Wp)}
+    and, with `keep_features` set (distillation), "pixel_decoder": {"mask_features", "maps"} as
+    `forward_pixel_decoder` returns them.
     """
 
     def __init__(self, backbone: nn.Module, pixel_decoder: nn.Module, transformer_decoder: nn.Module,
@@ -30,6 +32,7 @@ class MaskFormer(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.size_divisibility = size_divisibility
         self.cfg = cfg
+        self.keep_features = False
 
     @property
     def num_classes(self) -> int:
@@ -51,13 +54,20 @@ class MaskFormer(nn.Module):
             batch.append(F.pad(x, (0, wp - x.shape[-1], 0, hp - x.shape[-2])))
         return torch.stack(batch), sizes
 
-    def forward(self, images) -> dict:
+    def forward_pixel_decoder(self, images) -> tuple[dict, list[tuple[int, int]], tuple[int, int]]:
+        """({"mask_features": (B, mask_dim, Hp/4, Wp/4), "maps": [res5, res4, res3] (B, C, H_l, W_l)},
+        image sizes, padded size): the model up to the transformer decoder."""
         x, sizes = self.preprocess(images)
-        features = self.backbone(x)
-        mask_features, maps = self.pixel_decoder(features)
-        out = self.transformer_decoder(maps, mask_features)
+        mask_features, maps = self.pixel_decoder(self.backbone(x))
+        return {"mask_features": mask_features, "maps": maps}, sizes, tuple(x.shape[-2:])
+
+    def forward(self, images) -> dict:
+        pixel, sizes, padded = self.forward_pixel_decoder(images)
+        out = self.transformer_decoder(pixel["maps"], pixel["mask_features"])
         out["image_sizes"] = sizes
-        out["padded_size"] = tuple(x.shape[-2:])
+        out["padded_size"] = padded
+        if self.keep_features:
+            out["pixel_decoder"] = pixel
         return out
 
 
