@@ -162,3 +162,18 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def add_threads_argument(parser) -> None:
+    """`--threads N` for a command that runs models on the CPU."""
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (default: torch's choice, one per core; under torchrun "
+                             "give each process its share)")
+
+
+def set_threads(n: int) -> None:
+    """torch.set_num_threads(n) for n > 0; 0 leaves torch's default."""
+    if n < 0:
+        raise ValueError(f"--threads must be >= 0, got {n}")
+    if n:
+        torch.set_num_threads(n)

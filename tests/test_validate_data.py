@@ -710,3 +710,32 @@ def test_errors_pickle_and_convert():
     assert p.ids == {"image_id": 4} and isinstance(p.to_error(), MissingFileError)
     assert str(p.to_error()) == str(p) == "/x/b.png: panoptic PNG not found (image_id=4)"
     assert pickle.loads(pickle.dumps(p)) == p
+
+
+# ------------------------------------------------------------------ segments per image, object sizes
+def test_segment_counts_and_size_warnings():
+    from proscale.data.stats import SegmentStats, segment_stats, size_warnings
+
+    class Fake:  # a COCO panoptic data set's records: one image of 40 segments of 6x6 px, one of 2
+        records = [{"image": {"height": 256, "width": 256},
+                    "annotation": {"segments_info": [{"area": 36} for _ in range(40)] + [{"area": 900, "iscrowd": 1}]}},
+                   {"image": {"height": 256, "width": 256}, "annotation": {"segments_info": [{"area": 900}] * 2}}]
+
+    stats = segment_stats(Fake())
+    assert stats.counts == [40, 2] and stats.summary()["max"] == 40  # the crowd region is not a segment
+    warnings = size_warnings(stats, num_queries=20)
+    assert len(warnings) == 2
+    assert "1 of 2 images have more segments than the model's 20 queries" in warnings[0]
+    assert "decoder.num_queries=" in warnings[0] and int(warnings[0].rsplit("=", 1)[1]) >= 40
+    assert "smaller than 8 px" in warnings[1]  # 40 of 42 segments are 6 px across
+    assert size_warnings(stats, num_queries=100, train_size=1024) == []  # 4x larger: 24 px
+    assert segment_stats(object()) is None and SegmentStats().describe().startswith("segments per image")
+
+
+def test_validate_data_cli_warns_when_queries_cannot_hold_the_segments(synth_src, capsys):
+    from proscale.data.validate import main
+
+    assert main(["--data", f"synthetic:{synth_src}", "--split", "val", "--queries", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "segments per image: mean" in out
+    assert "WARNING [val]" in out and "queries" in out and "decoder.num_queries=" in out

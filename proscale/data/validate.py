@@ -58,6 +58,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from proscale.data.build import build_dataset, parse_spec
+from proscale.data.stats import SegmentStats, segment_stats, size_warnings
 from proscale.data.coco_instances import CocoInstancesDataset
 from proscale.data.coco_panoptic import CocoPanopticDataset
 from proscale.data.errors import ERROR, KINDS, NOTE, WARNING, DataError, Problem
@@ -75,6 +76,7 @@ class SplitSummary:
     num_checked: int = 0
     categories: list = field(default_factory=list)  # Category, contiguous order
     class_counts: Counter = field(default_factory=Counter)  # contiguous index -> segments
+    segments: SegmentStats | None = None  # segments per image and their sizes (COCO formats)
 
 
 @dataclass
@@ -117,12 +119,19 @@ class ValidationReport:
     def to_dict(self) -> dict:
         return {
             "spec": self.spec, "ok": self.ok,
-            "splits": {s.split: {"num_samples": s.num_samples, "num_checked": s.num_checked}
+            "splits": {s.split: {"num_samples": s.num_samples, "num_checked": s.num_checked,
+                                 "segments_per_image": s.segments.summary() if s.segments else None}
                        for s in self.splits},
             "summary": {sev: len(self.by_severity(sev)) for sev in (ERROR, WARNING, NOTE)},
             "counts": self.counts(),
             "problems": [p.to_dict() for p in self.problems],
         }
+
+    def size_warnings(self, num_queries: int, train_size: int = 0) -> list[str]:
+        """Per split, what a model of `num_queries` queries trained at side `train_size` (0: the
+        images' own size) cannot fit (proscale.data.stats.size_warnings)."""
+        return [f"[{s.split}] {w}" for s in self.splits if s.segments
+                for w in size_warnings(s.segments, num_queries, train_size)]
 
     def format(self, max_per_kind: int = 0, categories: bool = True) -> str:
         """Human-readable report: splits, categories, problems (max_per_kind of each kind,
@@ -131,6 +140,8 @@ class ValidationReport:
         for s in self.splits:
             lines.append(f"{self.spec} [{s.split}]: {s.num_samples} images, checked {s.num_checked}"
                          + (f", {len(s.categories)} categories" if s.categories else ""))
+            if s.segments is not None:
+                lines.append(f"  {s.segments.describe()}")
             if categories:
                 for i, c in enumerate(s.categories):
                     lines.append(f"  {i:4d}  id {c.id:5d}  {'thing' if c.isthing else 'stuff'}  "
@@ -264,6 +275,7 @@ def validate_dataset(spec: str, split: str | list[str] = "all", *, limit: int = 
             continue
         summary.num_samples = len(dataset)
         summary.categories = list(dataset.metadata.categories)
+        summary.segments = segment_stats(dataset)
         report.problems += getattr(dataset, "problems", [])
         # check_sample repeats a sample's JSON problems, which dataset.problems already lists.
         known = {_key(p) for p in getattr(dataset, "problems", [])}
@@ -376,10 +388,18 @@ def _main(args: argparse.Namespace) -> int:
     except ValueError as e:  # a malformed --data spec
         print(f"error: {e}", file=sys.stderr)
         return 2
+    queries = args.queries
+    if args.preset:
+        from proscale.presets import get_preset
+
+        queries = get_preset(args.preset).decoder.num_queries
+    fits = report.size_warnings(queries, args.train_size)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
+        print(json.dumps({**report.to_dict(), "model_fit": fits}, indent=1))
     else:
         print(report.format(max_per_kind=args.max_per_kind))
+        for w in fits:
+            print(f"WARNING {w}")
     failed = bool(report.errors) or (args.strict and bool(report.warnings))
     return 1 if failed else 0
 
@@ -396,6 +416,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--limit", type=int, default=0, help="check only the first N samples per split")
     p.add_argument("--workers", type=int, default=0, help="processes reading samples (default 0)")
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    p.add_argument("--preset", help="warn where this preset's queries cannot hold an image's segments")
+    p.add_argument("--queries", type=int, default=100,
+                   help="the model's queries, when no --preset (default 100, Mask2Former's COCO models)")
+    p.add_argument("--train-size", type=int, default=0,
+                   help="image side the model will train at, for the small-object warning (0: own size)")
     p.add_argument("--max-per-kind", type=int, default=0,
                    help="print at most N problems of each kind (the summary counts all; 0 = all)")
     p.set_defaults(func=_main)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from proscale import distributed as du
 from proscale.models.postprocess import InferenceConfig, postprocess
 
 logger = logging.getLogger("proscale.eval")
@@ -143,6 +144,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--task", action="append", choices=TASKS, help="repeat for several (default: all available)")
     p.add_argument("--device", default="auto")
+    du.add_threads_argument(p)
     p.add_argument("--batch-size", type=int, default=1, help="images per forward, per process")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--min-size-test", type=int, help="test short side (default: the checkpoint's, else 800)")
@@ -155,8 +157,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from proscale.checkpoints.errors import CheckpointError
     from proscale.data import TransformConfig, build_dataloader, build_dataset, build_transforms
-    from proscale import distributed as du
     from proscale.predictor import load_for_inference
+
+    du.set_threads(args.threads)
 
     info = du.init_distributed(args.device)
     try:

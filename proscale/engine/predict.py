@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from proscale import distributed as du
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -109,6 +111,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", choices=("panoptic", "instance", "semantic"),
                    help="repeat for several (default: panoptic)")
     p.add_argument("--device", default="auto")
+    du.add_threads_argument(p)
     p.add_argument("--score-threshold", type=float, default=0.5, help="instances drawn in the overlay")
     p.set_defaults(func=main)
     return p
@@ -118,6 +121,7 @@ def main(args: argparse.Namespace) -> int:
     from proscale.data.errors import DataError
     from proscale.predictor import Predictor, load_image
 
+    du.set_threads(args.threads)
     files, failures = collect_images(args.inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

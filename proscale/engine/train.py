@@ -53,6 +53,7 @@ from proscale.engine.hooks import (FinalCheckpoint, MetricsLog, MetricsWriter, N
 from proscale.engine.loop import Trainer, keep_fp32
 from proscale.engine.optim import build_lr_scheduler, build_optimizer
 from proscale.engine.run_lock import RunFolderBusy, RunLock
+from proscale.engine.summary import log_startup
 from proscale.fileio import atomic_write
 
 logger = logging.getLogger("proscale.train")
@@ -175,6 +176,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             handlers = _attach_log_handlers(out / "log.txt")
             stack.callback(_detach_log_handlers, handlers, log_state)
         trainer, val_loader, val_metadata = build_trainer(cfg, info)
+        if info.is_main:
+            log_startup(logger, cfg, trainer.model, trainer.loader.dataset,
+                        val_loader.dataset if val_loader is not None else None, trainer.metadata)
         if resume:
             checkpointer.resume(trainer)
         log = MetricsLog(out / "metrics.jsonl", info.is_main)
@@ -282,6 +286,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--val-data", metavar="SPEC", help="validation data for periodic evaluation")
     p.add_argument("--out", help="output folder (checkpoints, metrics.jsonl)")
     p.add_argument("--config", help="YAML TrainConfig (e.g. a run's config.yaml); flags and key=value win")
+    du.add_threads_argument(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--init", metavar="WEIGHTS",
                    help="start from these weights (proscale .pt, detectron2 .pkl, PRO-SCALE .pth, transformers "
@@ -297,6 +302,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from proscale.data import DataError
 
+    du.set_threads(args.threads)
     cfg = config_from_args(args)
     try:
         result = train(cfg, resume=args.resume)

@@ -1,0 +1,81 @@
+"""What `proscale train` prints before the first iteration: the model (plan, parameters, GFLOPs at
+the training size), the data (sizes, classes, segments per image, with warnings when the model
+cannot fit them) and the settings that decide the run. The full resolved config is OUT/config.yaml.
+"""
+from __future__ import annotations
+
+import statistics
+
+from torch import nn
+
+from proscale.config import DataConfig, TrainConfig
+from proscale.data.stats import SegmentStats, segment_stats, size_warnings
+
+
+def training_side(data: DataConfig, stats: SegmentStats | None) -> int:
+    """The image side the model trains at: the LSJ crop, the resize mode's crop or middle short
+    side, or (augmentation "none") 0: the images' own size."""
+    if data.augmentation == "lsj":
+        return int(data.image_size)
+    if data.augmentation == "resize":
+        return int(data.crop_size or statistics.median(data.min_size_train))
+    return 0
+
+
+def _flops_size(side: int, stats: SegmentStats | None) -> tuple[int, int]:
+    if side:
+        return side, side
+    if stats and stats.image_sides:
+        s = int(statistics.median(stats.image_sides))
+        return s, s
+    return 512, 512
+
+
+def startup_summary(cfg: TrainConfig, model: nn.Module, dataset, val_dataset, metadata) -> tuple[str, list[str]]:
+    """(the summary's text, its warnings)."""
+    from proscale.analysis.flops import count_flops
+
+    mcfg = model.cfg
+    stats = segment_stats(dataset)
+    side = training_side(cfg.data, stats)
+    size = _flops_size(side, stats)
+    report = count_flops(model, size)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    enc = mcfg.encoder
+    things = sum(c.isthing for c in metadata.categories)
+    lines = [
+        f"model: {cfg.preset} | backbone {mcfg.backbone.name} | encoder plan {tuple(enc.plan)}"
+        f"{' + TRC' if enc.trc else ''}, {enc.output} output | {mcfg.decoder.num_queries} queries, "
+        f"{mcfg.decoder.dec_layers} decoder layers",
+        f"parameters: {params / 1e6:.2f} M ({trainable / 1e6:.2f} M trained) | GFLOPs at {size[0]}x{size[1]}: "
+        f"total {report.gflops['total']:.2f}, pixel decoder {report.gflops['pixel_decoder']:.2f}",
+        f"data: {', '.join(cfg.data.train)} [{cfg.data.train_split}]: {len(dataset)} images, "
+        f"{metadata.num_classes} classes ({things} things, {metadata.num_classes - things} stuff)"
+        + (f" | val {cfg.data.val} [{cfg.data.val_split}]: {len(val_dataset)} images" if val_dataset is not None
+           else " | no validation data"),
+    ]
+    warnings = []
+    if stats is not None:
+        lines.append(stats.describe())
+        warnings = size_warnings(stats, mcfg.decoder.num_queries, side)
+    s = cfg.solver
+    aug = {"lsj": f"LSJ crop {cfg.data.image_size}", "resize": f"resize short side {tuple(cfg.data.min_size_train)}",
+           "none": "images at their own size"}.get(cfg.data.augmentation, cfg.data.augmentation)
+    lines.append(f"run: {cfg.iterations} iterations x batch {cfg.batch_size} | {s.optimizer} lr {s.lr:g} "
+                 f"({s.schedule}, warmup {s.warmup_iters}), clip {s.clip_grad:g} | {aug}"
+                 f"{', flips' if cfg.data.flip else ''} | {cfg.loss.num_points} points per mask | "
+                 f"test size {cfg.data.min_size_test or 'own'}")
+    lines.append(f"config: {cfg.output_dir}/config.yaml")
+    return "\n".join(lines), warnings
+
+
+def log_startup(logger, cfg: TrainConfig, model: nn.Module, dataset, val_dataset, metadata) -> list[str]:
+    """Logs the summary and each warning; returns the warnings."""
+    text, warnings = startup_summary(cfg, model, dataset, val_dataset, metadata)
+    for line in text.splitlines():
+        logger.info("%s", line)
+    for w in warnings:
+        logger.warning("%s", w)
+    return warnings
+
