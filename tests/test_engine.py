@@ -229,3 +229,28 @@ def test_bad_training_sample_stops_or_is_skipped(tmp_path):
     assert result["status"] == "completed"
     records = [json.loads(line) for line in open(tmp_path / "skip" / "metrics.jsonl")]
     assert sum(r.get("skipped", 0) for r in records) >= 1  # 4 images, 2 x 2 drawn: the bad one is hit
+
+
+def test_periodic_evaluation_evaluates_what_semantic_val_data_supports(tmp_path):
+    """A semantic folder as validation data with semantic_on off (the default): the run still
+    evaluates, on mIoU, and says why."""
+    import numpy as np
+
+    from tests.test_data import write_semantic
+
+    rng = np.random.default_rng(0)
+    labels = [np.kron(rng.integers(0, 3, size=(4, 4)), np.ones((16, 16), dtype=np.int64)) for _ in range(4)]
+    cats = [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}, {"id": 2, "name": "c"}]
+    for split in ("training", "validation"):
+        write_semantic(str(tmp_path / "sem"), labels, split=split, categories=cats)
+    cfg = tiny_cfg(str(tmp_path / "sem"), str(tmp_path / "out"), "iterations=2", "eval_period=1",
+                   preset="m2f_nano")
+    cfg.data.train = (f"semantic:{tmp_path / 'sem'}",)
+    cfg.data.val = f"semantic:{tmp_path / 'sem'}"
+    assert not cfg.test.semantic_on
+    result = train(cfg)
+    assert set(result["eval"]) == {"semantic"} and 0.0 <= result["eval"]["semantic"]["mIoU"] <= 100.0
+    assert "semantic ground truth only" in (tmp_path / "out" / "log.txt").read_text()
+    evals = [json.loads(line)["eval"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+             if "eval" in line]
+    assert len(evals) == 2 and all("semantic" in e for e in evals)

@@ -37,6 +37,27 @@ def tasks_from_config(test: InferenceConfig) -> tuple[str, ...]:
     return tuple(t for t, on in zip(TASKS, flags) if on)
 
 
+def available_tasks(metadata) -> tuple[str, ...]:
+    """The tasks this data set has ground truth for."""
+    has = {"panoptic": bool(metadata.panoptic_json and metadata.panoptic_root),
+           "instance": bool((metadata.instances_json or metadata.panoptic_json) and metadata.thing_classes),
+           "semantic": _SemanticGroundTruth.available(metadata)}
+    return tuple(t for t in TASKS if has[t])
+
+
+def evaluation_tasks(test: InferenceConfig, metadata) -> tuple[tuple[str, ...], str]:
+    """(tasks to evaluate during training, a note): those switched on that the data supports; when
+    none of them is (e.g. semantic labels only, while semantic_on is off by default), every task
+    the data supports, so that a run is never evaluated on nothing."""
+    wanted, have = tasks_from_config(test), available_tasks(metadata)
+    tasks = tuple(t for t in wanted if t in have)
+    if tasks:
+        missing = [t for t in wanted if t not in have]
+        return tasks, (f"no {', '.join(missing)} ground truth in the validation data" if missing else "")
+    return have, (f"the validation data has {', '.join(have) or 'no'} ground truth only (none of the switched-on "
+                  f"tasks {', '.join(wanted) or '-'}): evaluating {', '.join(have) or 'nothing'}")
+
+
 class _SemanticGroundTruth:
     """Semantic labels at the original size: a label PNG (semantic data sets, or COCO's
     panoptic_semseg_{split}), else derived from the panoptic PNG."""

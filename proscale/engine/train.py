@@ -47,7 +47,7 @@ from proscale.checkpoints.io import CheckpointError
 from proscale.config import ModelConfig, TrainConfig, apply_overrides, from_dict, to_dict
 from proscale.engine import checkpointer
 from proscale.engine.checkpointer import plain
-from proscale.engine.evaluate import tasks_from_config
+from proscale.engine.evaluate import evaluation_tasks
 from proscale.engine.hooks import (FinalCheckpoint, MetricsLog, MetricsWriter, NonFiniteGuard, NonFiniteLossError,
                                    PeriodicCheckpointer, PeriodicEvaluator, StopOnSignal)
 from proscale.engine.loop import Trainer, keep_fp32
@@ -191,7 +191,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         hooks = [writer, NonFiniteGuard(cfg.max_nonfinite), StopOnSignal(cfg.stop_after),
                  PeriodicCheckpointer(cfg.checkpoint_period)]
         if val_loader is not None:
-            evaluator = PeriodicEvaluator(val_loader, val_metadata, tasks_from_config(cfg.test), log, cfg.eval_period)
+            tasks, note = evaluation_tasks(cfg.test, val_metadata)
+            if note and info.is_main:
+                logger.warning("evaluation: %s", note)
+            evaluator = PeriodicEvaluator(val_loader, val_metadata, tasks, log, cfg.eval_period)
             hooks.append(evaluator)
         final = FinalCheckpoint()
         hooks.append(final)
