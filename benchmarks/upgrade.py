@@ -5,9 +5,10 @@ seed:
     m2f            Mask2Former (m2f_nano), 800 iterations from scratch: the model a team already has
     scratch        PRO-SCALE (3,3,1) conv (proscale_nano_331_conv), 800 iterations from scratch
     scratch-1/4    the same, 200 iterations (what the upgrade's budget buys without the warm start)
-    warm           PRO-SCALE, `--init` from that seed's m2f, 200 iterations (1/4 of the schedule)
-    warm+distill   ... and `loss.distill_from` the same m2f (pixel-decoder feature distillation)
-    warm-first     ... as warm, encoder layers mapped with init_layer_map=first instead of depth
+    warm           PRO-SCALE, `--init` from that seed's m2f, 200 iterations (1/4 of the schedule);
+                   encoder layers mapped with init_layer_map=first (the default)
+    warm-depth     ... with init_layer_map=depth
+    warm+distill   ... as warm, and `loss.distill_from` the same m2f (pixel-decoder feature distillation)
 Every run is single-threaded and seeded: the numbers do not depend on the machine's load. The
 m2f and scratch runs are the quickstart's own (OUT/runs/{m2f,proscale}/seed<k>): after
 `proscale quickstart --out OUT` (with as many --seeds) they are kept, not retrained.
@@ -19,7 +20,6 @@ The table in docs/upgrade.md was made by this command.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -38,8 +38,8 @@ STUDENT = "proscale_nano_331_conv"
 UPGRADES = {
     "scratch-1/4": ((), False, False),
     "warm": ((), True, False),
+    "warm-depth": (("init_layer_map=depth",), True, False),
     "warm+distill": ((), True, True),
-    "warm-first": (("init_layer_map=first",), True, False),
 }
 METRICS = ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")
 
@@ -50,7 +50,7 @@ def upgrade_jobs(cfg: QuickstartConfig, fraction: float) -> list[Job]:
     for seed in cfg.seed_list:
         teacher = str((run_dir(cfg, "m2f", seed) / "model_final.pt").resolve())
         for name, (overrides, init, distill) in UPGRADES.items():
-            tcfg = cfg.recipe.train_config(preset=STUDENT, data=data_spec(cfg), image_size=cfg.image_size,
+            tcfg = cfg.recipe.train_config(preset=STUDENT, data=data_spec(cfg),
                                            output_dir=str(Path(cfg.out) / "upgrade" / name.replace("/", "_") / f"seed{seed}"),
                                            seed=seed)
             tcfg.iterations = int(cfg.recipe.iterations * fraction)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fraction", type=float, default=0.25, help="upgrade iterations / the recipe's")
     p.add_argument("--workers", type=int, default=0)
     args = p.parse_args(argv)
-    cfg = dataclasses.replace(QuickstartConfig(out=args.out, seeds=args.seeds, workers=args.workers))
+    cfg = QuickstartConfig(out=args.out, seeds=args.seeds, workers=args.workers)
     stage_data(cfg)
     base = quickstart_jobs(cfg)  # m2f and PRO-SCALE from scratch: the quickstart's runs
     base_results = run_jobs(base, cfg.workers, say=say)

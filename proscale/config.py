@@ -15,8 +15,12 @@ from typing import Any, get_type_hints
 @dataclass
 class BackboneConfig:
     name: str = "resnet50"  # any timm model with features_only (resnet*, swin_*, convnext_*)
-    pretrained: bool = False  # needs the model hub; tests and offline machines keep False
+    # "" (random weights), "hub" (timm downloads them: needs the model hub), or a local file
+    # (.safetensors / .pth / .bin) in timm's key names (torchvision's for ResNets): proscale/models/backbone.py
+    pretrained: str = ""
     freeze_bn: bool = False  # FrozenBN, as detectron2's ResNets use
+    freeze_at: int = 0  # parameters not trained: 0 none, 1 the stem, k = 2..5 the stem and res2..res{k}
+    freeze: bool = False  # the whole backbone (freeze_at=5)
     drop_path_rate: float = 0.0
 
 
@@ -101,8 +105,8 @@ class TransformConfig:
     max_size_train: int = 1333
     crop_size: int = 0  # "resize" mode: random crop / pad to this size after resizing (0 = none)
     flip: bool = True
-    min_size_test: int = 800  # 0 keeps test images at their own size
-    max_size_test: int = 1333
+    min_size_test: int = 800  # 0 keeps test images at their own size; -1: from the training size (recipes)
+    max_size_test: int = 1333  # -1: from min_size_test (recipes)
     pad_value: int = 128
 
 
@@ -131,8 +135,10 @@ class LossConfig:
     # Most of the Q queries match nothing; down-weighting "no object" keeps them from
     # dominating the class loss.
     no_object_weight: float = 0.1
-    # 12544 = 112 * 112 points: the same for the loss and the matcher.
+    # 12544 = 112 * 112 points: the same for the loss and the matcher. 0: derived from the data when
+    # the run starts, points_fraction * (training image side)^2 within [64, 12544] (proscale/recipes).
     num_points: int = 12544
+    points_fraction: float = 0.011962890625  # 12544 / 1024^2: Mask2Former's points at its 1024 crop
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     # Supervise every intermediate decoder prediction (aux_outputs) too.
@@ -168,15 +174,17 @@ class TrainConfig:
     """Everything a training run needs; saved with every checkpoint."""
 
     preset: str = "proscale_r50_333"
+    recipe: str = ""  # the recipe this config started from (proscale/recipes/<name>.yaml); a record only
     model_overrides: tuple[str, ...] = ()  # dotted ModelConfig keys, e.g. "encoder.plan=2,2,2"
     # Start from these weights (a proscale checkpoint, detectron2 .pkl, PRO-SCALE .pth, transformers
     # folder or .safetensors): every tensor that fits is loaded, the class head is re-initialised
     # for other classes, a Mask2Former encoder is mapped onto a PRO-SCALE plan
     # (proscale/checkpoints/warm_start.py). Unlike --resume, the run starts at iteration 0.
     init: str = ""
-    # Which baseline encoder layer warm-starts which layer of another plan: "depth" (layer i of N
-    # from layer floor(i * M / N) of M) or "first" (layer i from layer min(i, M - 1)).
-    init_layer_map: str = "depth"
+    # Which trained encoder layer warm-starts which layer of another plan: "first" (layer i from
+    # layer min(i, M - 1)) or "depth" (layer i of N from layer floor(i * M / N) of M). "first" kept
+    # the upgraded PRO-SCALE closer to its Mask2Former in docs/upgrade.md.
+    init_layer_map: str = "first"
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -194,6 +202,7 @@ class TrainConfig:
     stop_after: int = 0  # stop with a checkpoint after this many iterations (a time-sliced job); 0 = off
     find_unused_parameters: bool = False  # DDP; needed only when a config leaves parameters unused
     progress: bool = True  # tqdm progress bar with ETA (rank 0, when stderr is a terminal)
+    tensorboard: bool = True  # also log to OUT/tensorboard event files (when the tensorboard package is installed)
 
 
 # ------------------------------------------------------------------------------ plain data
@@ -241,6 +250,16 @@ def _parse(text: str, hint: Any) -> Any:
             raise ValueError(f"expected {len(kinds)} comma-separated values, got {text!r}")
         return tuple(_parse_scalar(t, k) for t, k in zip(items, kinds))
     return _parse_scalar(text, hint if hint in (bool, int, float) else str)
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    """The value at a dotted key ("solver.lr"); KeyError for an unknown one."""
+    node = cfg
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            raise KeyError(f"unknown config key {key!r}")
+        node = getattr(node, part)
+    return node
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:

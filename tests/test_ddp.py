@@ -32,7 +32,7 @@ COMMON = ["iterations=3", "batch_size=2", "log_period=1", "checkpoint_period=1",
           "data.augmentation=resize", "data.min_size_train=48,64", "data.max_size_train=64", "data.flip=true",
           "data.min_size_test=0", "data.num_workers=0", "loss.num_points=512", "solver.optimizer=sgd",
           f"solver.lr={LR}", "solver.momentum=0", "solver.weight_decay=0", "solver.clip_grad=0",
-          "solver.backbone_multiplier=1", "solver.schedule=constant", "backbone.freeze_bn=true", "device=cpu",
+          "solver.backbone_multiplier=1", "solver.schedule=constant", "solver.warmup_iters=0", "backbone.freeze_bn=true", "device=cpu",
           "progress=false", "seed=5"]
 
 
@@ -104,7 +104,7 @@ def test_torchrun_two_processes_match_one_and_the_definition(tmp_path):
     assert len(status_lines) == 1 and json.loads(status_lines[0])["status"] == "completed"
     assert sorted(p.name for p in ddp_out.iterdir()) == [
         ".lock", "config.yaml", "last_checkpoint", "log.txt", "metrics.jsonl", "model_0000001.pt",
-        "model_0000002.pt", "model_final.pt"]
+        "model_0000002.pt", "model_final.pt", "tensorboard"]
     records = [json.loads(line) for line in open(ddp_out / "metrics.jsonl")]
     assert [r["iteration"] for r in records if "loss" in r] == [1, 2, 3]
     evals = [r for r in records if "eval" in r]
@@ -114,7 +114,10 @@ def test_torchrun_two_processes_match_one_and_the_definition(tmp_path):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = TrainConfig(preset="m2f_tiny", output_dir=str(tmp_path / "single"), progress=False)
+        from proscale.recipes import recipe_config
+
+        cfg = recipe_config(None, "m2f_tiny")  # what the command above runs
+        cfg.output_dir, cfg.progress = str(tmp_path / "single"), False
         cfg.data.train, cfg.data.val = (spec,), spec
         split_overrides(cfg, COMMON + ["solver.accumulate=2"])
         single = train(cfg)

@@ -254,3 +254,21 @@ def test_periodic_evaluation_evaluates_what_semantic_val_data_supports(tmp_path)
     evals = [json.loads(line)["eval"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
              if "eval" in line]
     assert len(evals) == 2 and all("semantic" in e for e in evals)
+
+
+def test_tensorboard_events_hold_the_logged_numbers(synth64, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    cfg = tiny_cfg(synth64, str(out), "iterations=3", "eval_period=0", preset="m2f_nano")
+    cfg.data.val = f"synthetic:{synth64}"
+    train(cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    losses = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert losses == [(r["iteration"], pytest.approx(r["loss"])) for r in records if "loss" in r]
+    assert "eval/panoptic/PQ" in tags and "train/lr" in tags
+    final = next(r["eval"] for r in records if "eval" in r)
+    assert acc.Scalars("eval/panoptic/PQ")[-1].value == pytest.approx(final["panoptic"]["PQ"])

@@ -133,5 +133,5 @@ def test_building_a_backbone_leaves_the_environment_alone(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     before = dict(os.environ)
     with torch.device("meta"):
-        build_backbone(BackboneConfig("resnet18", pretrained=False))
+        build_backbone(BackboneConfig("resnet18", pretrained=""))
     assert dict(os.environ) == before

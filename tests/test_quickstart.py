@@ -144,8 +144,8 @@ def test_quickstart_cli_options():
 
 def test_jobs_carry_the_recipe(tmp_path):
     out = tmp_path / "qs"
-    cfg = toy(out, recipe=SmallRecipe(iterations=40, batch_size=2, lr=1e-3, warmup_iters=7), stop_after=2,
-              extra_overrides=("solver.amp=false", "encoder.plan=2,2,2"))
+    cfg = toy(out, recipe=SmallRecipe(iterations=40, batch_size=2), stop_after=2,
+              extra_overrides=("solver.amp=false", "encoder.plan=2,2,2", "solver.lr=1e-3"))
     runs = jobs(cfg)
     assert [(j.variant, j.seed) for j in runs] == [(k, s) for k, _, _ in MODELS for s in (0, 1)]
     tcfg = runs[-1].cfg
@@ -153,10 +153,11 @@ def test_jobs_carry_the_recipe(tmp_path):
     assert (tcfg.iterations, tcfg.batch_size, tcfg.stop_after, tcfg.log_period, tcfg.eval_period) == (40, 2, 2, 2, 0)
     assert tcfg.data.train == (f"synthetic:{(out / 'data').resolve()}",) and tcfg.data.val == ""
     assert (tcfg.data.augmentation, tcfg.data.flip, tcfg.data.min_size_test) == ("none", True, 0)
-    assert (tcfg.solver.lr, tcfg.solver.warmup_iters, tcfg.solver.schedule) == (1e-3, 7, "poly")
-    assert tcfg.solver.backbone_multiplier == 1.0 and tcfg.solver.clip_grad == cfg.recipe.clip_grad
-    assert tcfg.loss.num_points == int(cfg.recipe.points_fraction * 64 * 64)
-    assert tcfg.test.semantic_on and tcfg.test.object_mask_threshold == cfg.recipe.object_mask_threshold
+    # The small recipe (proscale/recipes/small.yaml), with the user's solver.lr.
+    assert tcfg.recipe == "small" and (tcfg.solver.lr, tcfg.solver.warmup_iters, tcfg.solver.schedule) == (1e-3, 50, "poly")
+    assert tcfg.solver.backbone_multiplier == 1.0 and tcfg.solver.clip_grad == 1.0
+    assert (tcfg.loss.num_points, tcfg.loss.points_fraction) == (0, 0.25)  # derived from the images when it starts
+    assert tcfg.test.semantic_on and tcfg.test.object_mask_threshold == 0.5
     # The user's key=value items: a TrainConfig key set in place, a model key kept for the model.
     assert tcfg.solver.amp is False and tcfg.model_overrides == ("encoder.plan=2,2,2",)
     # Every run gets the same config but for the preset, the seed and the folder.

@@ -29,7 +29,11 @@ OVERRIDES = [f"iterations={N}", "batch_size=2", "log_period=1", "checkpoint_peri
 
 
 def make_cfg(root: str, out: Path, *extra: str) -> TrainConfig:
-    cfg = TrainConfig(preset="m2f_tiny", output_dir=str(out), progress=False)
+    """The config `proscale train --preset m2f_tiny ... OVERRIDES` runs: the preset's recipe + OVERRIDES."""
+    from proscale.recipes import recipe_config
+
+    cfg = recipe_config(None, "m2f_tiny")
+    cfg.output_dir, cfg.progress = str(out), False
     cfg.data.train = (f"synthetic:{root}",)
     return split_overrides(cfg, OVERRIDES + list(extra))
 

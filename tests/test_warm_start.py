@@ -84,9 +84,9 @@ def test_init_rejects_a_file_with_nothing_that_fits(tmp_path):
 
 
 def test_layer_maps():
-    assert [source_layer(i, 7, 6) for i in range(7)] == [0, 0, 1, 2, 3, 4, 5]
-    assert [source_layer(i, 9, 6) for i in range(9)] == [0, 0, 1, 2, 2, 3, 4, 4, 5]
-    assert [source_layer(i, 7, 6, "first") for i in range(7)] == [0, 1, 2, 3, 4, 5, 5]
+    assert [source_layer(i, 7, 6, "depth") for i in range(7)] == [0, 0, 1, 2, 3, 4, 5]
+    assert [source_layer(i, 9, 6, "depth") for i in range(9)] == [0, 0, 1, 2, 2, 3, 4, 4, 5]
+    assert [source_layer(i, 7, 6) for i in range(7)] == [0, 1, 2, 3, 4, 5, 5]
     with pytest.raises(ValueError, match="init_layer_map"):
         source_layer(0, 7, 6, "middle")
 
@@ -96,7 +96,7 @@ def test_mask2former_upgrade_maps_each_layer_on_its_levels(tmp_path):
     base = proscale.build_model("m2f_nano", num_classes=8)
     path = _save(base, tmp_path / "m2f.pt")
     model = proscale.build_model("proscale_nano_331_conv", num_classes=8)
-    report = warm_start(model, path, class_names=NAMES)
+    report = warm_start(model, path, class_names=NAMES, layer_map="depth")
     enc, src = model.pixel_decoder.encoder, base.pixel_decoder.encoder
     assert [layer.self_attn.n_levels for layer in enc.layers] == [1, 1, 1, 2, 2, 2, 3]
     # Layer 3 (2 levels) comes from base layer 2 (depth map): its attention logits are the base

@@ -190,7 +190,7 @@ def config_from_hf(hf_config: Any, backbone: BackboneConfig | None = None,
         if bb.get("model_type") == "timm_backbone" and bb.get("backbone"):
             if bb.get("output_stride") not in (None, 32):
                 problems.append(f"backbone output_stride={bb.get('output_stride')} (proscale needs strides 4..32)")
-            backbone = BackboneConfig(name=bb["backbone"], pretrained=False,
+            backbone = BackboneConfig(name=bb["backbone"], pretrained="",
                                       freeze_bn=bool(bb.get("freeze_batch_norm_2d", False)))
         else:
             problems.append(f"backbone type {bb.get('model_type')!r} is not transformers' timm wrapper: "

@@ -37,7 +37,7 @@ from proscale.checkpoints.state_dict import as_tensor
 
 ENCODER_LAYER = re.compile(r"^pixel_decoder\.encoder\.layers\.(\d+)\.(.+)$")
 CLASS_HEAD = "transformer_decoder.class_embed."
-LAYER_MAPS = ("depth", "first")
+LAYER_MAPS = ("first", "depth")
 TRC_START_GATE = 0.9  # sigmoid(temperature * bias) of a TRC the file does not have
 
 
@@ -79,11 +79,11 @@ def _component(key: str) -> str:
     return ".".join(key.split(".")[:2])
 
 
-def source_layer(i: int, n: int, m: int, how: str = "depth") -> int:
+def source_layer(i: int, n: int, m: int, how: str = "first") -> int:
     """The layer of an m-layer encoder that warm-starts layer i of an n-layer one.
 
-    "depth": relative depth i / n, rounded down (n=7, m=6: 0,0,1,2,3,4,5: the last layer, which
-    feeds the FPN and the decoder, comes from the last trained one); "first": min(i, m - 1).
+    "first": min(i, m - 1) (n=7, m=6: 0,1,2,3,4,5,5: each layer keeps its trained place in the
+    stack); "depth": relative depth i / n, rounded down (0,0,1,2,3,4,5). docs/upgrade.md compares them.
     """
     if how == "depth":
         return min(m - 1, (i * m) // n)
@@ -115,7 +115,7 @@ def _file_class_names(weights) -> list[str] | None:
 
 
 def warm_start(model: nn.Module, path: str | os.PathLike, *, class_names: list[str] | None = None,
-               layer_map: str = "depth") -> InitReport:
+               layer_map: str = "first") -> InitReport:
     """Loads what fits of the weights file `path` into `model` (module docstring); returns the
     InitReport. class_names: the model's classes (contiguous order), to map the head by name."""
     path = Path(path)

@@ -45,14 +45,20 @@ def iteration_of_record(line: str) -> float:
 
 
 class MetricsLog:
-    """Appends JSON lines to OUT/metrics.jsonl (rank 0 only; a no-op elsewhere)."""
+    """Appends JSON lines to OUT/metrics.jsonl and, with `tensorboard`, the same numbers to
+    TensorBoard event files in OUT/tensorboard (train/<loss>, eval/<task>/<metric>; needs the
+    optional `tensorboard` package). Rank 0 only; a no-op elsewhere."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, tensorboard: bool = False):
         self.path, self.enabled = path, enabled
+        self.tensorboard = enabled and tensorboard
+        self._tb = None
+        self._purge_step: int | None = None
 
     def truncate_after(self, iteration: int) -> None:
         """Drops the lines written after `iteration`: they belong to a run's lost future
-        (resuming from an older checkpoint)."""
+        (resuming from an older checkpoint). TensorBoard drops its events after it too."""
+        self._purge_step = iteration + 1
         if self.enabled and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines() if iteration_of_record(line) <= iteration]
             atomic_write(self.path, "".join(line + "\n" for line in kept))
@@ -61,6 +67,34 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record, default=json_default) + "\n")
+        if self.tensorboard:
+            self._write_tensorboard(record)
+
+    def _write_tensorboard(self, record: dict) -> None:
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.warning("tensorboard is not installed (pip install tensorboard): metrics go to %s only",
+                               self.path.name)
+                self.tensorboard = False
+                return
+            self._tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=self._purge_step)
+        step = int(record["iteration"])
+        for key, value in record.items():
+            if key == "eval":
+                for task, metrics in value.items():
+                    for name, v in (metrics or {}).items():
+                        if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                            self._tb.add_scalar(f"eval/{task}/{name}", v, step)
+            elif key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(f"train/{key}", value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def finite_summary(results: dict) -> dict:

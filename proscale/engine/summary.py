@@ -4,31 +4,11 @@ cannot fit them) and the settings that decide the run. The full resolved config 
 """
 from __future__ import annotations
 
-import statistics
-
 from torch import nn
 
-from proscale.config import DataConfig, TrainConfig
-from proscale.data.stats import SegmentStats, segment_stats, size_warnings
-
-
-def training_side(data: DataConfig, stats: SegmentStats | None) -> int:
-    """The image side the model trains at: the LSJ crop, the resize mode's crop or middle short
-    side, or (augmentation "none") 0: the images' own size."""
-    if data.augmentation == "lsj":
-        return int(data.image_size)
-    if data.augmentation == "resize":
-        return int(data.crop_size or statistics.median(data.min_size_train))
-    return 0
-
-
-def _flops_size(side: int, stats: SegmentStats | None) -> tuple[int, int]:
-    if side:
-        return side, side
-    if stats and stats.image_sides:
-        s = int(statistics.median(stats.image_sides))
-        return s, s
-    return 512, 512
+from proscale.config import TrainConfig
+from proscale.data.stats import segment_stats, size_warnings
+from proscale.recipes import training_side
 
 
 def startup_summary(cfg: TrainConfig, model: nn.Module, dataset, val_dataset, metadata) -> tuple[str, list[str]]:
@@ -37,8 +17,9 @@ def startup_summary(cfg: TrainConfig, model: nn.Module, dataset, val_dataset, me
 
     mcfg = model.cfg
     stats = segment_stats(dataset)
-    side = training_side(cfg.data, stats)
-    size = _flops_size(side, stats)
+    side = 0 if cfg.data.augmentation == "none" else int(training_side(cfg))  # 0: the images' own size
+    flops_side = int(round(training_side(cfg, dataset)))
+    size = (flops_side, flops_side)
     report = count_flops(model, size)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

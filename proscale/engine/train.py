@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -111,12 +112,16 @@ def build_trainer(cfg: TrainConfig, info: du.DistInfo) -> tuple[Trainer, object,
     from proscale.models.criterion import build_criterion
     from proscale.models.distill import FeatureTeacher
     from proscale.models.maskformer import build_maskformer
+    from proscale.recipes import resolve_derived
 
     W, A = info.world_size, cfg.solver.accumulate
     if A < 1 or cfg.batch_size % (W * A):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of processes x accumulate = {W} x {A}")
     micro = cfg.batch_size // (W * A)  # images per forward on this process
     dataset, metadata = build_train_dataset(cfg)
+    derived = resolve_derived(cfg, dataset)  # before the val transforms, which use the test size
+    if derived and info.is_main:
+        logger.info("derived from the data: %s", ", ".join(derived))
     val_dataset = build_val_dataset(cfg)
     mcfg = build_model_config(cfg, metadata.num_classes)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -158,6 +163,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     newest checkpoint in cfg.output_dir that loads (a fresh start when there is none; CheckpointError
     when there are some but none can be resumed from: see proscale.engine.checkpointer.resume).
     Raises RunFolderBusy when another process is training into cfg.output_dir."""
+    cfg = copy.deepcopy(cfg)  # settings derived from the data are filled in (recipes.resolve_derived)
     info = du.init_distributed(cfg.device)
     out = Path(cfg.output_dir)
     log_state = (logger.level, logger.propagate)
@@ -177,11 +183,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             stack.callback(_detach_log_handlers, handlers, log_state)
         trainer, val_loader, val_metadata = build_trainer(cfg, info)
         if info.is_main:
-            log_startup(logger, cfg, trainer.model, trainer.loader.dataset,
+            train_set = trainer.loader.dataset
+            train_set = getattr(train_set, "dataset", train_set)  # the loader's SeededDataset wraps it
+            log_startup(logger, cfg, trainer.model, train_set,
                         val_loader.dataset if val_loader is not None else None, trainer.metadata)
         if resume:
             checkpointer.resume(trainer)
-        log = MetricsLog(out / "metrics.jsonl", info.is_main)
+        log = MetricsLog(out / "metrics.jsonl", info.is_main, cfg.tensorboard)
+        stack.callback(log.close)
         if trainer.resumed_from is not None:
             log.truncate_after(trainer.iteration)
         if info.is_main:
@@ -242,9 +251,18 @@ def load_config(path: str) -> TrainConfig:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = load_config(args.config) if args.config else TrainConfig()
-    if args.preset:
-        cfg.preset = args.preset
+    """--config YAML (e.g. a run's config.yaml), else the recipe (--recipe, default: the preset's);
+    then the flags and key=value items. A key=value that the resulting config ignores is an error."""
+    from proscale.recipes import check_ignored, recipe_config
+
+    if args.config:
+        cfg = load_config(args.config)
+        if args.recipe:
+            raise ValueError("--config and --recipe: choose one (a config file holds the whole recipe)")
+        if args.preset:
+            cfg.preset = args.preset
+    else:
+        cfg = recipe_config(args.recipe, args.preset or TrainConfig.preset)
     if args.data:
         cfg.data.train = tuple(args.data)
     if args.val_data is not None:
@@ -254,6 +272,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.init:
         cfg.init = args.init
     split_overrides(cfg, args.overrides)
+    check_ignored(cfg, [o.split("=", 1)[0].strip() for o in args.overrides])
     return cfg
 
 
@@ -288,7 +307,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="training data, e.g. coco-panoptic:/data/coco (repeat to concatenate)")
     p.add_argument("--val-data", metavar="SPEC", help="validation data for periodic evaluation")
     p.add_argument("--out", help="output folder (checkpoints, metrics.jsonl)")
-    p.add_argument("--config", help="YAML TrainConfig (e.g. a run's config.yaml); flags and key=value win")
+    p.add_argument("--recipe", help="training recipe (proscale/recipes/*.yaml: coco, ade20k, small); default: the "
+                                    "preset's (small for *_nano / *_tiny, else coco)")
+    p.add_argument("--config", help="YAML TrainConfig (e.g. a run's config.yaml) instead of a recipe; flags and "
+                                    "key=value win")
     du.add_threads_argument(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--init", metavar="WEIGHTS",
@@ -306,7 +328,11 @@ def main(args: argparse.Namespace) -> int:
     from proscale.data import DataError
 
     du.set_threads(args.threads)
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except (KeyError, ValueError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
     try:
         result = train(cfg, resume=args.resume)
     except DataError as e:

@@ -5,7 +5,7 @@
 Stages (each one first checks what OUT already holds, so a re-run resumes instead of starting over):
   1. data      OUT/data: the synthetic panoptic set (train + val, fixed seed; COCO panoptic layout),
                kept when OUT/data/.complete records the same generation parameters.
-  2. plan      OUT/plan.json: the fixed recipe (proscale.recipes.SmallRecipe), the seeds, and the
+  2. plan      OUT/plan.json: the fixed recipe (proscale/recipes/small.yaml), the seeds, and the
                `id` (data, recipe, seeds) that stamps every later result. Nothing in it depends on
                this machine's speed or load: the same command gives the same table everywhere.
   3. train     OUT/runs/<model>/seed<k>: every model x seed is an engine training

@@ -1,7 +1,7 @@
 """Stage 2, the plan: the run's identity and its expected duration.
 
 OUT/plan.json holds {"id", "data", "training", "iterations", "batch_size", "seeds", ...}. The
-recipe is fixed (proscale.recipes.SmallRecipe): nothing here depends on this machine's speed or
+recipe is fixed (the `small` recipe, proscale/recipes/small.yaml): nothing here depends on this machine's speed or
 load. `id` is a hash of the data, the training settings and the seeds: later stages stamp their
 results with it, so that a change of any of them redoes exactly what depends on it.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 from proscale.fileio import read_json, write_json
 from proscale.quickstart.config import MODELS, QuickstartConfig, data_params
 from proscale.quickstart.console import say
+from proscale.recipes import load_recipe
 
 # Seconds per training iteration of the nano presets at 128 px, batch 4, one thread each, two
 # trainings at once on the otherwise idle 2-core development CPU (AMD EPYC; m2f_nano 0.33,
@@ -25,7 +26,7 @@ SECONDS_PER_ITERATION = 0.31
 
 def training_settings(cfg: QuickstartConfig) -> dict:
     """What, besides the data, decides the trained weights."""
-    return {"recipe": dataclasses.asdict(cfg.recipe), "seeds": cfg.seed_list,
+    return {"recipe": dataclasses.asdict(cfg.recipe), "small.yaml": load_recipe("small"), "seeds": cfg.seed_list,
             "extra_overrides": list(cfg.extra_overrides), "models": [list(m) for m in MODELS]}
 
 

@@ -212,7 +212,7 @@ def model_summary(preset: str) -> str:
 
 def settings_lines(cfg: QuickstartConfig, plan: dict, evals: dict) -> list[str]:
     """The data, models, training, inference and metrics, one list item each."""
-    r = cfg.recipe
+    t = cfg.recipe.train_config(preset=MODELS[0][2], data="", output_dir="")  # the small recipe as run
     return [
         f"Data: `proscale.data.generate_synthetic` seed {cfg.seed}, {cfg.num_train} train / {cfg.num_val} val, "
         f"{cfg.image_size}x{cfg.image_size}, difficulty `{cfg.difficulty}` with "
@@ -221,13 +221,13 @@ def settings_lines(cfg: QuickstartConfig, plan: dict, evals: dict) -> list[str]:
            if plan["data"].get("synthetic_unsupported") else "")
         + "; 5 thing classes (shapes: circle, square, triangle, star, ring) and 3 stuff classes (sky, water, ground).",
         *[f"{n}: {model_summary(p)}." for _, n, p in MODELS],
-        f"Training (both models, every seed; proscale.recipes.SmallRecipe): AdamW lr {r.lr:g} ({r.schedule} "
-        f"schedule, {r.warmup_iters} warm-up iterations), weight decay {r.weight_decay:g}, gradient clip "
-        f"{r.clip_grad:g}, batch {r.batch_size}, {plan['iterations']} iterations, seeds {', '.join(map(str, cfg.seed_list))}, "
-        f"horizontal flips; losses: class {r.class_weight:g} (no-object {r.no_object_weight:g}), mask BCE 5, "
-        f"dice 5 on {r.points_fraction:g} x H x W sampled points; deep supervision.",
-        f"Inference: object-mask threshold {r.object_mask_threshold:g} "
-        f"and overlap threshold {r.overlap_threshold:g} (Mask2Former's COCO "
+        f"Training (both models, every seed; the `small` recipe, proscale/recipes/small.yaml): AdamW lr {t.solver.lr:g} ({t.solver.schedule} "
+        f"schedule, {t.solver.warmup_iters} warm-up iterations), weight decay {t.solver.weight_decay:g}, gradient clip "
+        f"{t.solver.clip_grad:g}, batch {t.batch_size}, {plan['iterations']} iterations, seeds {', '.join(map(str, cfg.seed_list))}, "
+        f"horizontal flips; losses: class {t.loss.class_weight:g} (no-object {t.loss.no_object_weight:g}), mask BCE 5, "
+        f"dice 5 on {t.loss.points_fraction:g} x H x W sampled points; deep supervision.",
+        f"Inference: object-mask threshold {t.test.object_mask_threshold:g} "
+        f"and overlap threshold {t.test.overlap_threshold:g} (Mask2Former's COCO "
         "setting is 0.8 / 0.8: a model trained for minutes is rarely that confident).",
         "Metrics: PQ from proscale.evaluation (COCO panoptic definition), mask AP with pycocotools on the thing "
         "classes, mIoU from the semantic inference (sum over queries of class probability x mask).",

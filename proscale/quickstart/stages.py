@@ -78,7 +78,7 @@ def jobs(cfg: QuickstartConfig) -> list[Job]:
     out = []
     for key, _, preset in MODELS:
         for seed in cfg.seed_list:
-            tcfg = cfg.recipe.train_config(preset=preset, data=data_spec(cfg), image_size=cfg.image_size,
+            tcfg = cfg.recipe.train_config(preset=preset, data=data_spec(cfg),
                                            output_dir=str(run_dir(cfg, key, seed)), seed=seed,
                                            stop_after=cfg.stop_after)
             out.append(Job(key, seed, split_overrides(tcfg, list(cfg.extra_overrides)), data_spec(cfg),

@@ -8,7 +8,7 @@ option changes, all computed from the runs:
     proscale tradeoff --data coco-panoptic:/data/mine --val-data coco-panoptic:/data/mine \\
         --preset m2f_nano --size 128 --seeds 3 --out runs/tradeoff [--variants default] [key=value ...]
 
-The training recipe is `proscale.recipes.SmallRecipe` (for the CPU-sized presets trained from
+The training recipe is `small` (proscale/recipes/small.yaml: the CPU-sized presets trained from
 scratch), changed by `key=value` items as `proscale train` takes them (iterations=600,
 solver.lr=1e-3, ...); every variant and seed gets the same one. Runs go one per core, each
 single-threaded (tradeoff/runs.py), and a re-run with the same --out keeps finished runs and
@@ -52,7 +52,7 @@ def build_jobs(cfg: TradeoffConfig, variants: list[Variant]) -> list[Job]:
     jobs, stamp = [], data_stamp(cfg.data, cfg.val_data)
     for v in variants:
         for seed in range(cfg.seeds):
-            tcfg = cfg.recipe.train_config(preset=cfg.preset, data=cfg.data, image_size=cfg.size,
+            tcfg = cfg.recipe.train_config(preset=cfg.preset, data=cfg.data,
                                            output_dir=str(Path(cfg.out) / "runs" / v.key / f"seed{seed}"),
                                            seed=seed, model_overrides=v.overrides)
             jobs.append(Job(v.key, seed, split_overrides(tcfg, list(cfg.overrides)), cfg.val_data, data_stamp=stamp))
@@ -150,8 +150,8 @@ def main(args: argparse.Namespace) -> int:
     recipe_keys = {f.name for f in dataclasses.fields(SmallRecipe)}
     recipe_items = {k: v for k, v in (o.split("=", 1) for o in args.overrides if "=" in o) if k in recipe_keys}
     recipe = SmallRecipe()
-    for key, text in recipe_items.items():  # iterations=, batch_size=, lr= ... address the recipe itself
-        setattr(recipe, key, type(getattr(recipe, key))(text))
+    for key, text in recipe_items.items():  # iterations=, batch_size= address the recipe itself
+        setattr(recipe, key, int(text))  # every SmallRecipe field is a count
     rest = tuple(o for o in args.overrides if o.split("=", 1)[0] not in recipe_items)
     cfg = TradeoffConfig(data=args.data, val_data=args.val_data or args.data, out=args.out, preset=args.preset,
                          variants=args.variants, seeds=args.seeds, size=args.size, recipe=recipe, overrides=rest,

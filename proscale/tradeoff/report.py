@@ -103,7 +103,7 @@ def write_report(cfg, rows: list[Row], results: list[dict]) -> dict:
         "# PRO-SCALE tradeoff",
         "",
         f"Data: `{cfg.data}` (val: `{cfg.val_data}`); base preset `{cfg.preset}`, {cfg.size} px, {seeds_info}, "
-        f"{cfg.recipe.iterations} iterations of batch {cfg.recipe.batch_size} each (proscale.recipes.SmallRecipe"
+        f"{cfg.recipe.iterations} iterations of batch {cfg.recipe.batch_size} each (the `small` recipe, proscale/recipes/small.yaml"
         + (f", with {' '.join(cfg.overrides)}" if cfg.overrides else "") + f"). Written {datetime.date.today()}.",
         "",
         f"Command: `{command}`",

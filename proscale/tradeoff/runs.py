@@ -52,7 +52,7 @@ class Job:
         """A hash of everything that decides the run's numbers (not where it is written, how
         often it checkpoints or logs, nor where a time-sliced run pauses)."""
         neutral = dataclasses.replace(self.cfg, output_dir="", progress=False, stop_after=0, checkpoint_period=0,
-                                      keep_last=0, log_period=1)
+                                      keep_last=0, log_period=1, tensorboard=False)
         data = {"cfg": to_dict(neutral),
                 "val": [self.val_spec, self.val_split], "data": self.data_stamp}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
