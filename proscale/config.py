@@ -18,6 +18,9 @@ class BackboneConfig:
     pretrained: bool = False  # needs the model hub; tests and offline machines keep False
     freeze_bn: bool = False  # FrozenBN, as detectron2's ResNets use
     drop_path_rate: float = 0.0
+    # A LayerNorm on each output map (res2..res5), as the original Swin / detectron2's
+    # D2SwinTransformer has (checkpoint keys backbone.norm0..3); the Swin presets turn it on.
+    out_norms: bool = False
 
 
 @dataclass

@@ -73,9 +73,9 @@ def _write(model, report, output_path: Path, to: str):
     else:
         official = to_detectron2(model.state_dict(), numpy=output_path.suffix.lower() in (".pkl", ".pickle"))
         atomic_save({"model": official, "__author__": "proscale"}, output_path)
-        if any(k.startswith("backbone.layers.") for k in official):
-            report.notes.append("detectron2's Swin also expects backbone.norm{0..3} (output norms), which "
-                                "proscale's backbone does not have: they are not in the output")
+        if any(k.startswith("backbone.layers.") for k in official) and "backbone.norm0.weight" not in official:
+            report.notes.append("detectron2's Swin also expects backbone.norm{0..3} (output norms), which this "
+                                "model (backbone.out_norms=false) does not have: they are not in the output")
     return report
 
 

@@ -13,9 +13,12 @@ class TimmBackbone(nn.Module):
     needs the model hub); False builds random weights and downloads nothing.
 
     forward: (B, 3, H, W) normalised images -> {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)}
+    out_norms: a LayerNorm over the channels of each output map (`out_norms.i`), as the original
+    Swin's output stages have (detectron2's backbone.norm{i}).
     """
 
-    def __init__(self, name: str, pretrained: bool = False, freeze_bn: bool = False, drop_path_rate: float = 0.0):
+    def __init__(self, name: str, pretrained: bool = False, freeze_bn: bool = False, drop_path_rate: float = 0.0,
+                 out_norms: bool = False):
         super().__init__()
         kwargs = {"features_only": True, "pretrained": pretrained}
         if drop_path_rate:
@@ -33,6 +36,7 @@ class TimmBackbone(nn.Module):
         self.names = ("res2", "res3", "res4", "res5")
         # Swin / ConvNeXt-style timm models may return channels-last maps.
         self.channels_last = getattr(body, "output_fmt", "NCHW") == "NHWC"
+        self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels) if out_norms else None
         if freeze_bn:
             timm.layers.freeze_batch_norm_2d(self.body)
 
@@ -42,10 +46,14 @@ class TimmBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.body(x)
-        if self.channels_last:
+        if self.out_norms is not None:  # LayerNorm over channels: on (B, H, W, C) maps
+            feats = [f if self.channels_last else f.permute(0, 2, 3, 1) for f in feats]
+            feats = [norm(f).permute(0, 3, 1, 2) for norm, f in zip(self.out_norms, feats)]
+        elif self.channels_last:
             feats = [f.permute(0, 3, 1, 2) for f in feats]
         return dict(zip(self.names, feats))
 
 
 def build_backbone(cfg: BackboneConfig) -> TimmBackbone:
-    return TimmBackbone(cfg.name, pretrained=cfg.pretrained, freeze_bn=cfg.freeze_bn, drop_path_rate=cfg.drop_path_rate)
+    return TimmBackbone(cfg.name, pretrained=cfg.pretrained, freeze_bn=cfg.freeze_bn, drop_path_rate=cfg.drop_path_rate,
+                        out_norms=cfg.out_norms)
