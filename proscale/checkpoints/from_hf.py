@@ -269,8 +269,14 @@ def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], d
 
 
 def class_metadata_from_hf(hf_config: Any) -> dict | None:
-    """{"categories": [{"id", "name"}, ...]} from the config's id2label (contiguous ids), or None."""
-    id2label = _as_dict(hf_config).get("id2label")
+    """{"categories": [{"id", "name"}, ...]} from the config's id2label (contiguous ids), or None.
+    A folder proscale wrote (`proscale convert --to hf`) carries the whole class metadata (ids,
+    is-thing flags, colours) as "proscale_metadata": that is used when it has one entry per label."""
+    config = _as_dict(hf_config)
+    id2label = config.get("id2label")
+    ours = config.get("proscale_metadata")
+    if isinstance(ours, Mapping) and id2label and len(ours.get("categories") or ()) == len(id2label):
+        return dict(ours)
     if not id2label:
         return None
     return {"name": "", "categories": [{"id": int(i), "name": str(id2label[i])}

@@ -128,6 +128,12 @@ def build_loaded_model(cfg, converted: Mapping[str, Any], source: str, ignored: 
     The arguments after `cfg` are those of `load_converted`."""
     from proscale.models.maskformer import build_maskformer
 
-    model = build_maskformer(cfg)
+    # Every weight comes from the file: never let timm fetch pretrained backbone weights for it
+    # (the config keeps saying how the backbone was initialised for training).
+    pretrained, cfg.backbone.pretrained = cfg.backbone.pretrained, False
+    try:
+        model = build_maskformer(cfg)
+    finally:
+        cfg.backbone.pretrained = pretrained
     report = load_converted(model, converted, source, ignored, unmapped, strict=strict, path=path)
     return model.eval(), report
