@@ -5,8 +5,9 @@
   hub-pretrained backbone weights.
 - `convert --to hf` writes a folder that transformers' Mask2FormerForUniversalSegmentation
   .from_pretrained loads with no missing or unexpected key and whose outputs (class and mask
-  logits, final and auxiliary) equal ours to 1e-5; proscale.from_pretrained reads it back to
-  the same weights. Models transformers cannot express are refused with the reason.
+  logits, final and auxiliary) equal ours to 1e-5 (ResNet-18 via transformers' timm wrapper,
+  RegNet, and Swin-T via transformers' own Swin); proscale.from_pretrained reads it back to the
+  same weights. Models transformers cannot express are refused with the reason.
 """
 from __future__ import annotations
 
@@ -169,9 +170,9 @@ def _hf_outputs(hf, pixel_values):
             [a["masks_queries_logits"] for a in aux] + [out.masks_queries_logits])
 
 
-@pytest.mark.parametrize("config", ["small", "m2f_nano"])
+@pytest.mark.parametrize("config", ["small", "m2f_nano", "m2f_swin_t"])
 def test_convert_to_hf_loads_in_transformers_with_equal_outputs(transformers, config, tmp_path, capsys):
-    cfg = SMALL if config == "small" else proscale.get_preset("m2f_nano")
+    cfg = SMALL if config == "small" else proscale.get_preset(config)
     torch.manual_seed(0)
     model = randomize_(proscale.build_model(cfg, num_classes=5), seed=2)
     ckpt = tmp_path / "ours.pt"
@@ -207,9 +208,10 @@ def test_convert_to_hf_loads_in_transformers_with_equal_outputs(transformers, co
     print(f"\n{config}: max abs class logit {float(ours['pred_logits'].abs().max()):.1f}, mask logit "
           f"{float(ours['pred_masks'].abs().max()):.1f}; transformers vs proscale after convert --to hf: "
           + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
-    # small: 1e-5 absolute (measured 7e-7 / 7e-6). m2f_nano: 1e-5 of the largest logit; its RegNet
-    # features go through a GroupNorm that magnifies float32 rounding (measured: encoder maps 1.7e-6,
-    # mask features 1.6e-5 of 4.2, mask logits 2.3e-5 of 2.9; in tests/test_hf_parity.py one wrong tensor moves them by > 1e-2).
+    # small: 1e-5 absolute (measured 7e-7 / 7e-6). m2f_nano / m2f_swin_t: 1e-5 of the largest logit;
+    # a GroupNorm magnifies float32 rounding (nano, measured: encoder maps 1.7e-6, mask features
+    # 1.6e-5 of 4.2, mask logits 2.3e-5 of 2.9; in tests/test_hf_parity.py one wrong tensor moves
+    # the logits by > 1e-2).
     for key, outs in (("class_logits", our_logits), ("mask_logits", our_masks)):
         scale = 1.0 if config == "small" else max(1.0, max(float(o.abs().max()) for o in outs))
         assert diffs[key] <= 1e-5 * scale, (key, diffs[key], scale)
@@ -228,8 +230,10 @@ def test_convert_to_hf_refuses_what_transformers_cannot_hold(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "transformers' Mask2Former cannot hold this model" in err and "plan (3, 3, 3)" in err
     assert not (tmp_path / "hf").exists()
-    swin = " ".join(hf_problems(proscale.get_preset("m2f_swin_t")))
-    assert "output LayerNorms" in swin and "(B, H, W, C)" in swin
-    assert hf_problems(proscale.get_preset("m2f_r50")) == [] and hf_problems(SMALL) == []
+    assert hf_problems(proscale.get_preset("m2f_swin_t")) == [] and hf_problems(proscale.get_preset("m2f_r50")) == []
+    bare_swin = proscale.config.apply_overrides(proscale.get_preset("m2f_swin_t"), ["backbone.out_norms=false"])
+    assert "always normalises its output stages" in " ".join(hf_problems(bare_swin))
+    normed_r50 = proscale.config.apply_overrides(proscale.get_preset("m2f_r50"), ["backbone.out_norms=true"])
+    assert "timm backbone wrapper lacks" in " ".join(hf_problems(normed_r50))
     odd = ModelConfig(encoder=EncoderConfig(n_heads=4))
     assert any("heads differ" in p for p in hf_problems(odd))

@@ -1,10 +1,11 @@
 """proscale -> Hugging Face transformers' Mask2Former (`proscale convert --to hf`).
 
 Writes a folder that `transformers.Mask2FormerForUniversalSegmentation.from_pretrained` loads:
-config.json (a Mask2FormerConfig with transformers' timm backbone wrapper, `TimmBackboneConfig`),
-model.safetensors (the inverse of from_hf's key map: our `backbone.body.` is its
-`model.pixel_level_module.encoder._backbone.`, nn.MultiheadAttention's stacked in_proj of the
-decoder self-attention is split into its q/k/v projections) and preprocessor_config.json (a
+config.json (a Mask2FormerConfig with transformers' Swin for a Swin backbone, else its timm
+backbone wrapper, `TimmBackboneConfig`), model.safetensors (the inverse of from_hf's key map:
+our `backbone.body.` is the wrapper's `model.pixel_level_module.encoder._backbone.`, a Swin maps
+as proscale.checkpoints.hf_swin says, nn.MultiheadAttention's stacked in_proj of the decoder
+self-attention is split into its q/k/v projections) and preprocessor_config.json (a
 Mask2FormerImageProcessor with our pixel mean / std and test resize). Nothing here imports
 transformers; tests/test_pretrained.py loads the folder with it and compares the outputs.
 
@@ -12,9 +13,9 @@ What transformers' Mask2Former can express, and so what is refused with Checkpoi
   - only the baseline encoder: every layer over all three scales, no TRC, 3x3 conv output
     (plan (0, 0, N)); PRO-SCALE plans, TRC, LPE, RESIDUAL have no counterpart there;
   - one attention-head count for encoder and decoder, 4 sampling points;
-  - a timm backbone with (B, C, H, W) outputs and no output norms (ResNet, RegNet, ConvNeXt ...):
-    the wrapper passes timm's maps on as they are, so Swin's (B, H, W, C) maps and the
-    original Swin's output LayerNorms (backbone.out_norms) cannot be expressed.
+  - a Swin with output norms (the Swin presets; transformers' SwinBackbone always has them), or a
+    timm backbone with (B, C, H, W) outputs and no output norms (ResNet, RegNet, ...): the timm
+    wrapper passes timm's maps on as they are and has no norms.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 
 from proscale.checkpoints.errors import CheckpointError
 from proscale.checkpoints.from_hf import map_hf_state_dict
+from proscale.checkpoints.hf_swin import swin_hf_config, swin_to_hf
 from proscale.config import ModelConfig
 from proscale.fileio import atomic_write
 from proscale.models.pretrained import safetensors_bytes
@@ -96,12 +98,12 @@ def hf_problems(cfg: ModelConfig) -> list[str]:
                         f"num_attention_heads")
     if enc.n_points != 4:
         problems.append(f"{enc.n_points} sampling points (transformers' Mask2Former uses 4)")
-    if bb.out_norms:
+    if "swin" in bb.name and not bb.out_norms:
+        problems.append(f"backbone {bb.name} without output norms (backbone.out_norms=false); transformers' Swin "
+                        f"always normalises its output stages")
+    elif "swin" not in bb.name and bb.out_norms:
         problems.append("the backbone has output LayerNorms (backbone.out_norms), which transformers' timm "
                         "backbone wrapper lacks")
-    if "swin" in bb.name:
-        problems.append(f"backbone {bb.name}: timm's Swin gives (B, H, W, C) maps, which transformers' timm "
-                        f"wrapper passes on unchanged to a decoder that expects (B, C, H, W)")
     if cfg.size_divisibility != 32:
         problems.append(f"size_divisibility {cfg.size_divisibility} (transformers' processor pads to 32)")
     return problems
@@ -114,18 +116,25 @@ def _class_names(cfg: ModelConfig, metadata: Mapping | None) -> list[str]:
     return [f"class_{i}" for i in range(cfg.num_classes)]
 
 
-def hf_config(cfg: ModelConfig, out_indices: list[int], metadata: Mapping | None = None) -> dict:
+def hf_backbone_config(cfg: ModelConfig, body) -> dict:
+    """The backbone_config of config.json: transformers' Swin for a timm Swin `body`, else its timm
+    wrapper with the feature indices of res2..res5 (our body's out_indices)."""
+    if "swin" in cfg.backbone.name:
+        return swin_hf_config(body)
+    return {"model_type": "timm_backbone", "backbone": cfg.backbone.name, "num_channels": 3, "features_only": True,
+            "out_indices": list(body.feature_info.out_indices), "output_stride": None,
+            "freeze_batch_norm_2d": bool(cfg.backbone.freeze_bn)}
+
+
+def hf_config(cfg: ModelConfig, backbone_config: dict, metadata: Mapping | None = None) -> dict:
     """config.json of transformers' Mask2FormerForUniversalSegmentation for a baseline `cfg`.
-    out_indices: the timm feature indices of res2..res5 (our backbone body's). proscale's class
-    metadata (is-thing flags, ids, colours) rides along as "proscale_metadata"."""
+    proscale's class metadata (is-thing flags, ids, colours) rides along as "proscale_metadata"."""
     enc, dec = cfg.encoder, cfg.decoder
     names = _class_names(cfg, metadata)
     config = {
         "architectures": ["Mask2FormerForUniversalSegmentation"],
         "model_type": "mask2former",
-        "backbone_config": {"model_type": "timm_backbone", "backbone": cfg.backbone.name, "num_channels": 3,
-                            "features_only": True, "out_indices": list(out_indices), "output_stride": None,
-                            "freeze_batch_norm_2d": bool(cfg.backbone.freeze_bn)},
+        "backbone_config": backbone_config,
         "feature_size": enc.d_model, "mask_feature_size": dec.mask_dim, "hidden_dim": dec.hidden_dim,
         "encoder_feedforward_dim": enc.ffn_dim, "activation_function": "relu", "encoder_layers": enc.plan[2],
         "decoder_layers": dec.dec_layers + 1,  # transformers counts the query-only prediction as a layer
@@ -161,9 +170,11 @@ def hf_preprocessor_config(cfg: ModelConfig, min_size_test: int = 800, max_size_
 def to_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """proscale MaskFormer state dict -> transformers Mask2FormerForUniversalSegmentation names.
     Raises CheckpointError naming the keys that have no transformers name."""
-    out: dict[str, torch.Tensor] = {}
+    out, used = swin_to_hf(state)  # a Swin backbone: transformers' own Swin names
     unmapped = []
     for key, value in state.items():
+        if key in used:
+            continue
         m = _SELF_IN_PROJ.fullmatch(key)
         if m:  # nn.MultiheadAttention's [q; k; v] -> three Linear layers
             layer, kind = m.groups()
@@ -203,10 +214,10 @@ def save_hf_pretrained(model, folder: str | os.PathLike, metadata: Mapping | Non
     if back.unmapped or back.state_dict.keys() != state.keys():
         raise CheckpointError(f"internal: the transformers key map does not invert from_hf's for keys "
                               f"{sorted(set(state) ^ set(back.state_dict))[:10] or back.unmapped[:10]}")
-    out_indices = list(model.backbone.body.feature_info.out_indices)
+    backbone_config = hf_backbone_config(cfg, model.backbone.body)
     folder = Path(folder)
     atomic_write(folder / "model.safetensors", safetensors_bytes(hf_state, {"format": "pt"}))
     atomic_write(folder / "preprocessor_config.json",
                  json.dumps(hf_preprocessor_config(cfg, min_size_test, max_size_test), indent=2) + "\n")
-    atomic_write(folder / "config.json", json.dumps(hf_config(cfg, out_indices, metadata), indent=2) + "\n")
+    atomic_write(folder / "config.json", json.dumps(hf_config(cfg, backbone_config, metadata), indent=2) + "\n")
     return folder

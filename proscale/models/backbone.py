@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from proscale.config import BackboneConfig
+from proscale.models.swin import make_original_swin_
 
 
 class TimmBackbone(nn.Module):
@@ -23,15 +24,17 @@ class TimmBackbone(nn.Module):
         kwargs = {"features_only": True, "pretrained": pretrained}
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
-        if "swin" in name:
-            # Accept any input size that is a multiple of 32 (windows are padded inside).
-            kwargs.update(strict_img_size=False)
+        swin = "swin" in name
+        if swin:
+            # Accept any input size that is a multiple of 32 (windows are padded inside), and keep
+            # every window shift: the original Swin's windows (models/swin.py).
+            kwargs.update(strict_img_size=False, always_partition=True)
         body = timm.create_model(name, **kwargs)
         reductions = body.feature_info.reduction()
         wanted = [reductions.index(r) for r in (4, 8, 16, 32)]
         if len(reductions) != 4:
             body = timm.create_model(name, out_indices=tuple(wanted), **kwargs)
-        self.body = body
+        self.body = make_original_swin_(body) if swin else body
         self.channels = body.feature_info.channels()
         self.names = ("res2", "res3", "res4", "res5")
         # Swin / ConvNeXt-style timm models may return channels-last maps.
