@@ -19,8 +19,8 @@ written (--no-strict writes what fits and lists the rest).
 --to pretrained writes a save_pretrained folder (proscale.from_pretrained reads it; class names
 and test settings go along). --to hf writes one that transformers'
 Mask2FormerForUniversalSegmentation.from_pretrained loads with the same outputs; only
-Mask2Former (baseline encoder) models with a timm CNN backbone fit there, others are refused
-with the reason (proscale.checkpoints.to_hf).
+Mask2Former (baseline encoder) models with a timm CNN backbone or a Swin (with output norms)
+fit there, others are refused with the reason (proscale.checkpoints.to_hf).
 """
 from __future__ import annotations
 
