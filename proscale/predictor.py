@@ -111,8 +111,9 @@ class Predictor:
     """Runs a model on single images. `tasks` is any of "panoptic", "instance", "semantic".
 
     checkpoint_or_model: a weights file `proscale.checkpoints.load_model` reads (a proscale
-    checkpoint also brings its categories and test settings) or a MaskFormer (then pass
-    `metadata`, else classes are named class_i and all are things).
+    checkpoint also brings its categories and test settings) or a MaskFormer (its `.metadata`
+    when loaded from a file that has one; else pass `metadata`, or classes are named class_i and
+    all are things).
     """
 
     def __init__(self, checkpoint_or_model: str | os.PathLike | nn.Module, device: str | torch.device = "auto",
@@ -122,7 +123,9 @@ class Predictor:
         self.device = resolve_device(device)
         if isinstance(checkpoint_or_model, nn.Module):
             self.model = checkpoint_or_model.to(self.device).eval()
-            settings = PredictorSettings(metadata_from_dict(None, self.model.num_classes))
+            # a model from load_model / from_pretrained carries its class metadata
+            settings = PredictorSettings(metadata_from_dict(getattr(self.model, "metadata", None),
+                                                            self.model.num_classes))
         else:
             self.model, settings = load_for_inference(checkpoint_or_model, self.device)
         self.metadata = metadata or settings.metadata

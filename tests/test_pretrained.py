@@ -108,6 +108,7 @@ def test_save_pretrained_round_trip(tmp_path):
     p = proscale.Predictor(folder, device="cpu")
     assert p.metadata.class_names == ["person", "car", "road", "sky", "tree"] and p.metadata.thing_classes == [0, 1]
     assert (p.min_size_test, p.max_size_test, p.inference.object_mask_threshold) == (96, 160, 0.25)
+    assert proscale.Predictor(loaded, device="cpu").metadata.class_names[4] == "tree"  # the model carries them
 
 
 def test_from_pretrained_never_fetches_backbone_weights(tmp_path):
