@@ -108,7 +108,8 @@ def load_image(image: Any) -> torch.Tensor:
 
 
 class Predictor:
-    """Runs a model on single images. `tasks` is any of "panoptic", "instance", "semantic".
+    """Runs a model on images, one at a time or in batches. `tasks` is any of "panoptic", "instance",
+    "semantic".
 
     checkpoint_or_model: a weights file `proscale.checkpoints.load_model` reads (a proscale
     checkpoint also brings its categories and test settings) or a MaskFormer (its `.metadata`
