@@ -4,6 +4,8 @@
     model = proscale.build_model("proscale_r50_333", num_classes=133)
     report = proscale.load_checkpoint(model, "model_final.pt")       # ours, detectron2 or HF names
     model, info = proscale.load_model("model_final_official.pth")      # any weights file -> its model
+    model.save_pretrained("my_model/")                               # config.json + model.safetensors
+    model = proscale.from_pretrained("my_model/")                    # ours, or a transformers folder
     results = proscale.Predictor("model_final.pt").predict("image.jpg")
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ def build_model(preset: str | ModelConfig = "proscale_r50_333", num_classes: int
 
 def __getattr__(name: str):
     # Heavier entry points load on first use, so `import proscale` stays light.
-    if name in ("load_checkpoint", "load_model"):
+    if name in ("load_checkpoint", "load_model", "from_pretrained"):
         from proscale.checkpoints import loader
 
         return getattr(loader, name)
@@ -43,5 +45,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'proscale' has no attribute {name!r}")
 
 
-__all__ = ["build_model", "load_checkpoint", "load_model", "Predictor", "list_presets", "get_preset", "PRESETS", "ModelConfig",
+__all__ = ["build_model", "load_checkpoint", "load_model", "from_pretrained", "Predictor", "list_presets", "get_preset", "PRESETS", "ModelConfig",
            "__version__"]

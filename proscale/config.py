@@ -22,6 +22,9 @@ class BackboneConfig:
     freeze_at: int = 0  # parameters not trained: 0 none, 1 the stem, k = 2..5 the stem and res2..res{k}
     freeze: bool = False  # the whole backbone (freeze_at=5)
     drop_path_rate: float = 0.0
+    # A LayerNorm on each output map (res2..res5), as the original Swin / detectron2's
+    # D2SwinTransformer has (checkpoint keys backbone.norm0..3); the Swin presets turn it on.
+    out_norms: bool = False
 
 
 @dataclass

@@ -5,17 +5,22 @@
     out = p.predict("image.jpg")     # path, PIL image, (H, W, 3) uint8 array or (3, H, W) tensor (RGB)
     out["panoptic"]["panoptic_seg"]  # int32 (H, W) segment ids at the original size, 0 = void
     p.metadata.class_names[s["category_id"]] for s in out["panoptic"]["segments_info"]
+    outs = p.predict(["a.jpg", "b.jpg", ...], batch_size=8)   # a list in, a list out (same order)
 
 The image is resized as at test time (short side `min_size_test`, long side at most
 `max_size_test`: the checkpoint's training settings, else 800 / 1333), run through the model, and
 the results are mapped back to the original size (docs/INTERFACES.md, post-processing).
+
+Batches hold only images that pad to the same /32 size as they would alone
+(proscale.models.batching: more padding would change the results), so every result equals the
+one-at-a-time result up to float rounding; images of other sizes wait for their own batch.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -24,6 +29,7 @@ from torch import nn
 from proscale.checkpoints.loader import CheckpointInfo, load_model
 from proscale.data.metadata import Category, DatasetMetadata
 from proscale.distributed import resolve_device
+from proscale.models.batching import padded_shape
 from proscale.models.postprocess import InferenceConfig, postprocess
 
 TASK_KEYS = {"panoptic": "panoptic", "instance": "instances", "semantic": "sem_seg"}
@@ -102,11 +108,13 @@ def load_image(image: Any) -> torch.Tensor:
 
 
 class Predictor:
-    """Runs a model on single images. `tasks` is any of "panoptic", "instance", "semantic".
+    """Runs a model on images, one at a time or in batches. `tasks` is any of "panoptic", "instance",
+    "semantic".
 
     checkpoint_or_model: a weights file `proscale.checkpoints.load_model` reads (a proscale
-    checkpoint also brings its categories and test settings) or a MaskFormer (then pass
-    `metadata`, else classes are named class_i and all are things).
+    checkpoint also brings its categories and test settings) or a MaskFormer (its `.metadata`
+    when loaded from a file that has one; else pass `metadata`, or classes are named class_i and
+    all are things).
     """
 
     def __init__(self, checkpoint_or_model: str | os.PathLike | nn.Module, device: str | torch.device = "auto",
@@ -116,7 +124,9 @@ class Predictor:
         self.device = resolve_device(device)
         if isinstance(checkpoint_or_model, nn.Module):
             self.model = checkpoint_or_model.to(self.device).eval()
-            settings = PredictorSettings(metadata_from_dict(None, self.model.num_classes))
+            # a model from load_model / from_pretrained carries its class metadata
+            settings = PredictorSettings(metadata_from_dict(getattr(self.model, "metadata", None),
+                                                            self.model.num_classes))
         else:
             self.model, settings = load_for_inference(checkpoint_or_model, self.device)
         self.metadata = metadata or settings.metadata
@@ -139,18 +149,56 @@ class Predictor:
         size = ResizeShortestEdge(self.min_size_test, self.max_size_test).output_size(h, w, self.min_size_test)
         return resize({"image": image}, size)["image"]
 
-    @torch.no_grad()
-    def predict(self, image: Any) -> dict:
+    def predict(self, image: Any, batch_size: int = 1) -> dict | list[dict]:
         """Results at the original image size (on the CPU), keys as the tasks ask:
         "panoptic": {"panoptic_seg": int32 (H, W), "segments_info": [{"id", "category_id", "isthing",
         "score", "area"}]}, "instances": {"masks": bool (N, H, W), "scores": (N,), "labels": (N,)},
-        "sem_seg": float (K, H, W). Category ids are contiguous indices into `self.metadata`."""
-        original = load_image(image)
-        h, w = original.shape[-2:]
-        x = self._resize(original).to(self.device)
-        outputs = self.model([x])
-        result = postprocess(outputs, [{"height": h, "width": w}], self.inference, self.metadata.thing_classes)[0]
-        return _to_cpu(result)
+        "sem_seg": float (K, H, W). Category ids are contiguous indices into `self.metadata`.
+
+        image: one image (see `load_image`), or a list / tuple of them: then a list of results in
+        the same order, run `batch_size` images per forward where their padded sizes allow."""
+        if isinstance(image, (list, tuple)):
+            results: list = [None] * len(image)
+            for index, _, result in self.predict_iter(image, batch_size):
+                results[index] = result
+            return results
+        return next(self.predict_iter([image], 1))[2]
+
+    def predict_iter(self, images: Iterable[Any], batch_size: int = 1,
+                     max_pending: int | None = None) -> Iterator[tuple[int, torch.Tensor, dict]]:
+        """Yields (index in `images`, the image as uint8 (3, H, W), result) for every image, as
+        its batch completes: not necessarily in input order. Images are read one by one and wait
+        until `batch_size` images of their padded size are there; when `max_pending` images
+        (default 4 x batch_size, at least 16) wait, the largest group runs as it is."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        max_pending = max_pending or max(4 * batch_size, 16)
+        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        pending = 0
+        for index, image in enumerate(images):
+            original = load_image(image)
+            x = self._resize(original)
+            key = padded_shape(x.shape[-2:], self.model.size_divisibility)
+            groups.setdefault(key, []).append((index, original, x))
+            pending += 1
+            if len(groups[key]) < batch_size:
+                if pending < max_pending:
+                    continue
+                key = max(groups, key=lambda k: len(groups[k]))  # too many waiting: run the largest group
+            batch = groups.pop(key)
+            pending -= len(batch)
+            yield from self._run(batch)
+        for batch in groups.values():
+            yield from self._run(batch)
+
+    @torch.no_grad()
+    def _run(self, batch: list[tuple[int, torch.Tensor, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor, dict]]:
+        """One forward for images of one padded size; post-processing crops each to its own size."""
+        outputs = self.model([x.to(self.device) for _, _, x in batch])
+        meta = [{"height": int(o.shape[-2]), "width": int(o.shape[-1])} for _, o, _ in batch]
+        results = postprocess(outputs, meta, self.inference, self.metadata.thing_classes)
+        for (index, original, _), result in zip(batch, results):
+            yield index, original, _to_cpu(result)
 
     __call__ = predict
 

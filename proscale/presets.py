@@ -63,7 +63,9 @@ def _r50(encoder: EncoderConfig) -> ModelConfig:
 
 
 def _swin_t(encoder: EncoderConfig) -> ModelConfig:
-    return ModelConfig(backbone=BackboneConfig("swin_tiny_patch4_window7_224", drop_path_rate=0.3), encoder=encoder)
+    # out_norms: the original Swin's per-stage output LayerNorms, which Mask2Former's Swin checkpoints carry.
+    backbone = BackboneConfig("swin_tiny_patch4_window7_224", drop_path_rate=0.3, out_norms=True)
+    return ModelConfig(backbone=backbone, encoder=encoder)
 
 
 @register_preset

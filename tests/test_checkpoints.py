@@ -205,16 +205,58 @@ def test_swin_mapping():
                        sd["backbone.body.layers_1.downsample.reduction.weight"])
     assert not any(k.startswith("backbone.layers.3.downsample") for k in official)
     assert official["backbone.layers.2.blocks.5.attn.relative_position_index"].shape == (49, 49)
+    # detectron2's per-stage output LayerNorms are ours: backbone.norm{i} <-> backbone.out_norms.{i}
+    assert [official[f"backbone.norm{i}.weight"].shape[0] for i in range(4)] == [96, 192, 384, 768]
     back, ignored, unmapped = from_detectron2_report(official)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     assert len(ignored) == 12 and not unmapped  # the relative_position_index buffers
     assert to_dict(infer_config(official)) == to_dict(proscale.get_preset("m2f_swin_t"))
-    # detectron2's Swin has output norms that proscale's timm backbone lacks: named, never silently dropped
-    official["backbone.norm0.weight"] = torch.ones(96)
-    with pytest.raises(CheckpointError, match=r"backbone\.norm0\.weight"):
-        load_checkpoint(model, {"model": official})
-    report = load_checkpoint(model, {"model": official}, strict=False)
-    assert report.unexpected == ["backbone.norm0.weight"] and "output stage" in str(report)
+    # a Swin without output norms is told apart, and a file/model disagreement is named, never dropped
+    bare = {k: v for k, v in official.items() if not k.startswith("backbone.norm")}
+    assert infer_config(bare).backbone.out_norms is False
+    with pytest.raises(CheckpointError, match=r"backbone\.out_norms\.0\.weight"):
+        load_checkpoint(model, {"model": bare})
+    report = load_checkpoint(model, {"model": bare}, strict=False)
+    assert "backbone.out_norms.3.bias" in report.missing and "out_norms=false" in str(report)
+
+
+def _official_swin_state(model, seed: int = 5) -> dict:
+    """A detectron2 D2SwinTransformer-style state dict (Mask2Former Swin checkpoint) with every
+    tensor random, as the official .pkl stores them: numpy arrays, relative_position_index buffers,
+    patch merging at the end of stages 0-2 and the output norms backbone.norm0..3."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: (torch.randn(v.shape, generator=g) * 0.05 + (1.0 if k.endswith("norm.weight") else 0.0)
+                 if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    for i in range(4):  # output norms far from identity, so using them or not shows in the outputs
+        state[f"backbone.out_norms.{i}.weight"] = torch.rand(state[f"backbone.out_norms.{i}.weight"].shape,
+                                                             generator=g) + 0.5
+        state[f"backbone.out_norms.{i}.bias"] = torch.randn(state[f"backbone.out_norms.{i}.bias"].shape, generator=g)
+    return to_detectron2(state, numpy=True)
+
+
+def test_official_swin_checkpoint_loads_strictly_and_uses_output_norms(tmp_path):
+    """An official Mask2Former Swin .pkl (norm0..3 included) loads with no missing, unexpected or
+    ignored-but-used key, and res2..res5 are the LayerNorm of timm's stage outputs."""
+    official = _official_swin_state(proscale.build_model("m2f_swin_t"))
+    assert {f"backbone.norm{i}.{p}" for i in range(4) for p in ("weight", "bias")} <= official.keys()
+    path = tmp_path / "model_final_swin_t.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": official, "__author__": "detectron2"}, f)
+    model, info = load_model(path)  # strict by default; the config is read from the keys
+    assert info.report.ok and not info.report.unexpected and not info.report.missing
+    assert info.config.backbone.out_norms and info.config.backbone.name == "swin_tiny_patch4_window7_224"
+    assert all(k.endswith("relative_position_index") for k in info.report.ignored)
+    backbone = model.backbone
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        raw = backbone.body(x)  # timm's stage outputs, (B, H, W, C)
+        feats = backbone(x)
+    for i, name in enumerate(("res2", "res3", "res4", "res5")):
+        w, b = (torch.from_numpy(official[f"backbone.norm{i}.{p}"]) for p in ("weight", "bias"))
+        expected = torch.nn.functional.layer_norm(raw[i], (raw[i].shape[-1],), w, b).permute(0, 3, 1, 2)
+        assert feats[name].shape == expected.shape
+        torch.testing.assert_close(feats[name], expected, rtol=0, atol=1e-5)
+        assert (feats[name] - raw[i].permute(0, 3, 1, 2)).abs().max() > 0.1  # the norms do change the maps
 
 
 # ------------------------------------------------------------------ config inference

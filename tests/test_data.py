@@ -171,6 +171,27 @@ def test_panoptic_split_alias(tmp_path):
     assert len(CocoPanopticDataset(str(tmp_path), "train")) == 1
 
 
+def test_panoptic_png_folder_in_either_layout(tmp_path):
+    """detectron2's layout (panoptic_{split}/ at the root) and the official COCO zip's
+    (annotations/panoptic_{split}/) give the same samples; neither names both paths."""
+    write_panoptic(str(tmp_path), TINY_SEGMENTS, tiny_pixels())
+    root = str(tmp_path)
+    flat = CocoPanopticDataset(root, "train")
+    assert flat.png_dir == os.path.join(root, "panoptic_train")
+    a = flat[0]
+    os.rename(tmp_path / "panoptic_train", tmp_path / "annotations" / "panoptic_train")
+    official = build_dataset(f"coco-panoptic:{root}", "train")
+    assert official.png_dir == official.metadata.panoptic_root == os.path.join(root, "annotations", "panoptic_train")
+    b = official[0]
+    assert torch.equal(a["masks"], b["masks"]) and torch.equal(a["labels"], b["labels"])
+    os.rename(tmp_path / "annotations" / "panoptic_train", tmp_path / "elsewhere")
+    with pytest.raises(MissingFileError) as err:
+        CocoPanopticDataset(root, "train")
+    message = str(err.value)
+    assert os.path.join(root, "panoptic_train") in message
+    assert os.path.join(root, "annotations", "panoptic_train") in message
+
+
 def _break_json(root):
     path = os.path.join(root, "annotations", "panoptic_train.json")
     open(path, "w").write('{"images": [')

@@ -285,8 +285,16 @@ def test_load_hf_model_from_saved_folder(pair, tmp_path):
 def test_unsupported_configs_are_refused():
     with pytest.raises(ValueError, match="pre_norm"):
         config_from_hf(dict(hf_config("small").to_dict(), pre_norm=True))
-    with pytest.raises(ValueError, match="backbone type 'swin'"):
-        config_from_hf(transformers.Mask2FormerConfig())  # transformers' own Swin: names do not map
+    # transformers' own Swin maps to timm's (with the output norms): its default is the Swin-S layout
+    cfg = config_from_hf(transformers.Mask2FormerConfig())
+    assert (cfg.backbone.name, cfg.backbone.out_norms) == ("swin_small_patch4_window7_224", True)
+    with pytest.raises(ValueError, match="Swin heads"):
+        config_from_hf(transformers.Mask2FormerConfig(backbone_config=transformers.SwinConfig(
+            embed_dim=96, depths=[2, 2, 6, 2], num_heads=[2, 4, 8, 16], out_features=["stage1", "stage2", "stage3",
+                                                                                      "stage4"])))
+    with pytest.raises(ValueError, match="backbone type 'resnet'"):  # transformers' own ResNet: names do not map
+        config_from_hf(transformers.Mask2FormerConfig(backbone_config=transformers.ResNetConfig(
+            out_features=["stage1", "stage2", "stage3", "stage4"])))
     swin = proscale.config.BackboneConfig("swin_tiny_patch4_window7_224")
     cfg = config_from_hf(transformers.Mask2FormerConfig(), backbone=swin)
     assert cfg.backbone.name == "swin_tiny_patch4_window7_224" and cfg.decoder.dec_layers == 9

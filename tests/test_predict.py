@@ -158,7 +158,11 @@ def test_eval_cli_on_synthetic_data(checkpoint, tmp_path, capsys):
     assert results["panoptic"]["num_images"] == 2 and "mIoU" in results["semantic"]
     predictions = json.loads((tmp_path / "eval" / "predictions.json").read_text())
     assert len(predictions["annotations"]) == 2  # COCO panoptic format, PNGs beside it
-    assert "PQ" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "PQ" in printed and "2 images in " in printed and " images/s (batch size 1 x 1 process(es)" in printed
+    assert run_cli(["eval", "--checkpoint", str(checkpoint), "--data", f"synthetic:{root}", "--device", "cpu",
+                    "--num-workers", "0", "--batch-size", "2", "--out", str(tmp_path / "eval2")]) == 0
+    assert json.loads((tmp_path / "eval2" / "metrics.json").read_text()) == results
 
 
 def test_visualizations(tmp_path, image_rgb):
@@ -195,3 +199,88 @@ def test_visualizations(tmp_path, image_rgb):
     log.write_text("".join(json.dumps(r) + "\n" for r in lines))
     png = plot_losses(log, tmp_path / "loss.png")
     assert Image.open(png).size[0] > 100
+
+
+# ------------------------------------------------------------------ batched inference
+# Sizes after the checkpoint's test resize (short side 64, long side <= 128) and their /32 padding:
+# (70, 90) -> 64x82 -> 64x96; (64, 80) -> 64x80 -> 64x96; (66, 92) -> 64x89 -> 64x96;
+# (80, 60) -> 85x64 -> 96x64; (50, 100) -> 64x128 -> 64x128; (90, 70) -> 82x64 -> 96x64.
+BATCH_SIZES = [(70, 90), (64, 80), (80, 60), (50, 100), (66, 92), (90, 70)]
+
+
+def _random_images(sizes, seed=4):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+def _assert_same_result(a: dict, b: dict, where: str) -> None:
+    """Equal up to float rounding: semantic scores to 1e-5, instance scores to 1e-5 and their masks,
+    and the panoptic map pixel for pixel (segment ids and their classes)."""
+    torch.testing.assert_close(a["sem_seg"], b["sem_seg"], rtol=0, atol=1e-5, msg=where)
+    assert torch.equal(a["instances"]["labels"], b["instances"]["labels"]), where
+    torch.testing.assert_close(a["instances"]["scores"], b["instances"]["scores"], rtol=0, atol=1e-5, msg=where)
+    assert torch.equal(a["instances"]["masks"], b["instances"]["masks"]), where
+    assert torch.equal(a["panoptic"]["panoptic_seg"], b["panoptic"]["panoptic_seg"]), where
+    assert [(s["id"], s["category_id"], s["area"]) for s in a["panoptic"]["segments_info"]] == \
+        [(s["id"], s["category_id"], s["area"]) for s in b["panoptic"]["segments_info"]], where
+
+
+def test_batched_predictions_equal_one_at_a_time(checkpoint):
+    p = Predictor(checkpoint, device="cpu", tasks=("panoptic", "instance", "semantic"))
+    images = _random_images(BATCH_SIZES)
+    single = [p.predict(im) for im in images]
+    for r, (h, w) in zip(single, BATCH_SIZES):
+        assert r["panoptic"]["panoptic_seg"].shape == (h, w) and r["sem_seg"].shape[1:] == (h, w)
+    for batch_size in (2, 4):
+        batched = p.predict(images, batch_size=batch_size)
+        assert len(batched) == len(images)
+        for i, (a, b) in enumerate(zip(single, batched)):
+            assert b["panoptic"]["panoptic_seg"].shape == BATCH_SIZES[i]
+            _assert_same_result(a, b, f"image {i} {BATCH_SIZES[i]}, batch size {batch_size}")
+    # Which images shared a forward: those of one padded size, at most batch_size at a time, in
+    # input order; a forced flush (max_pending) runs a partial group and changes nothing.
+    order = [i for i, _, _ in p.predict_iter(images, batch_size=2)]
+    assert order == [0, 1, 2, 5, 3, 4]  # 64x96: 0, 1 | 96x64: 2, 5 | leftovers: 64x128: 3, 64x96: 4
+    flushed = sorted(p.predict_iter(images, batch_size=3, max_pending=2), key=lambda t: t[0])
+    for (i, image, b), a in zip(flushed, single):
+        assert torch.equal(image, torch.from_numpy(images[i]).permute(2, 0, 1))
+        _assert_same_result(a, b, f"image {i}, flushed early")
+
+
+def test_padding_further_would_change_results(checkpoint):
+    """Why batches hold one padded size only: the same image padded to a larger batch's size
+    gives other class logits (the model attends over padding), so grouping is not optional."""
+    p = Predictor(checkpoint, device="cpu")
+    a, b = (torch.from_numpy(im).permute(2, 0, 1) for im in _random_images([(64, 80), (64, 128)]))
+    with torch.no_grad():
+        alone, together = p.model([a]), p.model([a, b])
+    assert together["padded_size"] != alone["padded_size"]
+    assert (alone["pred_logits"][0] - together["pred_logits"][0]).abs().max() > 1e-3
+
+
+def test_group_by_padded_shape():
+    from proscale.models.batching import group_by_padded_shape, padded_shape
+
+    assert padded_shape((70, 90), 32) == (96, 96) and padded_shape((64, 96), 32) == (64, 96)
+    sizes = [(70, 90), (80, 96), (120, 90), (65, 65), (96, 96), (10, 10)]
+    assert group_by_padded_shape(sizes, 32) == [[0, 1, 3, 4], [2], [5]]
+    assert group_by_padded_shape(sizes, 32, batch_size=2) == [[0, 1], [2], [3, 4], [5]]
+    assert group_by_padded_shape([], 32) == []
+
+
+def test_predict_cli_batch_size_same_files_and_throughput(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, im in enumerate(_random_images(BATCH_SIZES)):
+        Image.fromarray(im).save(folder / f"im{i}.png")
+    outs = {}
+    for batch_size in (1, 3):
+        out = tmp_path / f"out{batch_size}"
+        assert run_cli(["predict", "--checkpoint", str(checkpoint), str(folder), "--out", str(out), "--device", "cpu",
+                        "--task", "panoptic", "--task", "semantic", "--batch-size", str(batch_size)]) == 0
+        printed = capsys.readouterr().out
+        assert f"6 image(s) written to {out} in " in printed and " images/s (batch size " in printed
+        outs[batch_size] = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(outs[1]) == 6 * 5 and outs[1].keys() == outs[3].keys()
+    differ = [name for name in outs[1] if outs[1][name] != outs[3][name]]
+    assert not differ, differ

@@ -19,11 +19,11 @@ What maps (official -> proscale):
   Swin (D2SwinTransformer): backbone.patch_embed.* -> backbone.body.patch_embed.*;
       backbone.layers.i.blocks.j.* -> backbone.body.layers_i.blocks.j.*;
       backbone.layers.i.downsample.* -> backbone.body.layers_{i+1}.downsample.* (the original Swin
-      merges patches at the end of a stage, timm at the start of the next; same 2x2 order)
+      merges patches at the end of a stage, timm at the start of the next; same 2x2 order);
+      backbone.norm{i}.* (the LayerNorm on output stage i) -> backbone.out_norms.{i}.*
 Ignored: criterion.empty_weight (a loss constant), Swin relative_position_index / attn_mask
 (rebuilt by timm), pixel_mean / pixel_std.
-Not mappable: backbone.norm{0..3} (detectron2's Swin normalises each output stage; proscale's
-timm backbone has no output norms) and backbone.absolute_pos_embed.
+Not mappable: backbone.absolute_pos_embed (Swin with ape=True; none of Mask2Former's Swins).
 """
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ _FROM_D2 = _rules([
     (r"^backbone\.patch_embed\.(.+)$", lambda m: f"{BODY}patch_embed.{m[1]}"),
     (r"^backbone\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$", lambda m: f"{BODY}layers_{m[1]}.blocks.{m[2]}.{m[3]}"),
     (r"^backbone\.layers\.(\d+)\.downsample\.(.+)$", lambda m: f"{BODY}layers_{int(m[1]) + 1}.downsample.{m[2]}"),
+    (r"^backbone\.norm([0-3])\.(weight|bias)$", lambda m: f"backbone.out_norms.{m[1]}.{m[2]}"),
 ])
 
 # proscale -> official
@@ -104,6 +105,7 @@ _TO_D2 = _rules([
     (r"^backbone\.body\.patch_embed\.(.+)$", lambda m: f"backbone.patch_embed.{m[1]}"),
     (r"^backbone\.body\.layers_(\d+)\.blocks\.(\d+)\.(.+)$", lambda m: f"backbone.layers.{m[1]}.blocks.{m[2]}.{m[3]}"),
     (r"^backbone\.body\.layers_(\d+)\.downsample\.(.+)$", lambda m: f"backbone.layers.{int(m[1]) - 1}.downsample.{m[2]}"),
+    (r"^backbone\.out_norms\.([0-3])\.(weight|bias)$", lambda m: f"backbone.norm{m[1]}.{m[2]}"),
 ])
 
 
@@ -147,7 +149,7 @@ def from_detectron2_report(state: Mapping[str, Any]) -> tuple[dict[str, torch.Te
 
 def from_detectron2(state: Mapping[str, Any], strict: bool = True) -> dict[str, torch.Tensor]:
     """Official detectron2 names -> proscale names. With `strict`, keys that cannot be mapped
-    (e.g. Swin's backbone.norm{i}) raise CheckpointError naming them; otherwise they are dropped."""
+    (e.g. Swin's backbone.absolute_pos_embed) raise CheckpointError naming them; otherwise they are dropped."""
     out, _, unmapped = from_detectron2_report(state)
     if strict and unmapped:
         raise CheckpointError(f"{len(unmapped)} detectron2 keys have no proscale counterpart: "
@@ -166,8 +168,8 @@ def to_detectron2(state: Mapping[str, Any], numpy: bool = False) -> dict[str, An
     """proscale names -> official detectron2 names (what the Mask2Former / PRO-SCALE code loads).
 
     BatchNorm step counters are dropped; Swin gets the relative_position_index buffers its
-    original code stores. numpy=True returns numpy arrays (the model zoo .pkl layout).
-    detectron2's Swin output norms (backbone.norm{i}) do not exist here and are not written.
+    original code stores; its output norms (out_norms.i) become backbone.norm{i}. numpy=True
+    returns numpy arrays (the model zoo .pkl layout).
     Raises CheckpointError for keys with no official name (e.g. a backbone detectron2 lacks).
     """
     out: dict[str, Any] = {}
@@ -248,6 +250,7 @@ def infer_backbone(state: Mapping[str, Any], base=None):
         if "swin" not in bb.name:
             bb.drop_path_rate = 0.3
         bb.name, bb.freeze_bn = name, False
+        bb.out_norms = "backbone.out_norms.0.weight" in state  # the original Swin's per-stage output norms
         return bb
     raise CheckpointError("cannot infer the backbone (neither a ResNet nor a Swin); pass a preset")
 

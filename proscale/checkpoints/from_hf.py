@@ -3,9 +3,10 @@
 `Mask2FormerForUniversalSegmentation` (transformers) is an independent implementation of the
 Mask2Former baseline; its weights map one to one onto `build_model("m2f_*")` models except for
 the decoder self-attention, whose separate q/k/v projections become one `in_proj` of
-`nn.MultiheadAttention`. The backbone maps only when it is transformers' timm wrapper
-(`TimmBackboneConfig`): its `_backbone.` is our `backbone.body.`. Hugging Face's own Swin/ResNet
-backbones have other names and are reported as unmapped.
+`nn.MultiheadAttention`. The backbone maps when it is transformers' timm wrapper
+(`TimmBackboneConfig`: its `_backbone.` is our `backbone.body.`) or transformers' Swin
+(`SwinConfig`, the official Mask2Former Swin checkpoints: proscale.checkpoints.hf_swin). Its
+own ResNet has other names and is reported as unmapped.
 
     model = load_hf_model(hf_model)                              # a transformers model object
     state = convert_hf_state_dict(hf_model.state_dict())         # plain dict in, plain dict out
@@ -25,6 +26,7 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from proscale.checkpoints.errors import CheckpointError
+from proscale.checkpoints.hf_swin import swin_backbone_name, swin_from_hf
 from proscale.checkpoints.load_state import build_loaded_model
 from proscale.checkpoints.safe_load import safe_load
 from proscale.checkpoints.state_dict import extract_state_dict
@@ -114,7 +116,14 @@ def map_hf_state_dict(hf_state: Mapping[str, torch.Tensor]) -> Conversion:
     unmapped: list[str] = []
     ignored: list[str] = []
     qkv: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    prefixed = {("model." + k if k.startswith("pixel_level_module.") else k): k for k in hf_state}
+    swin, swin_used, swin_ignored = swin_from_hf({k: hf_state[v] for k, v in prefixed.items()})
+    out.update(swin)
+    ignored += sorted(prefixed[k] for k in swin_ignored)
+    skip = {prefixed[k] for k in swin_used | swin_ignored}
     for original, value in hf_state.items():
+        if original in skip:
+            continue
         if original in IGNORED_KEYS:
             ignored.append(original)
             continue
@@ -168,8 +177,9 @@ def config_from_hf(hf_config: Any, backbone: BackboneConfig | None = None,
     preprocessor: a `preprocessor_config.json` dict; its image_mean / image_std (scaled to
     0-255 as its rescale_factor says) become the pixel mean / std.
 
-    The backbone comes from a `timm_backbone` sub-config (name, frozen BatchNorm); for any other
-    backbone type pass `backbone=` explicitly (its weights will not convert). Options proscale
+    The backbone comes from a `timm_backbone` sub-config (name, frozen BatchNorm) or a `swin` one
+    (the timm Swin of that layout, with output norms); for any other backbone type pass
+    `backbone=` explicitly (its weights will not convert). Options proscale
     does not implement (pre-norm decoder, non-ReLU activation, forced decoder input projection,
     other strides) raise ValueError instead of building a model that would silently differ.
     """
@@ -187,14 +197,20 @@ def config_from_hf(hf_config: Any, backbone: BackboneConfig | None = None,
     if backbone is None:
         bb = get("backbone_config") or {}
         bb = _as_dict(bb) if not isinstance(bb, Mapping) else bb
-        if bb.get("model_type") == "timm_backbone" and bb.get("backbone"):
+        if bb.get("model_type") == "swin":
+            name, swin_problems = swin_backbone_name(bb)
+            problems += swin_problems
+            if name:
+                backbone = BackboneConfig(name=name, pretrained="", out_norms=True,
+                                          drop_path_rate=float(bb.get("drop_path_rate", 0.0)))
+        elif bb.get("model_type") == "timm_backbone" and bb.get("backbone"):
             if bb.get("output_stride") not in (None, 32):
                 problems.append(f"backbone output_stride={bb.get('output_stride')} (proscale needs strides 4..32)")
             backbone = BackboneConfig(name=bb["backbone"], pretrained="",
                                       freeze_bn=bool(bb.get("freeze_batch_norm_2d", False)))
         else:
-            problems.append(f"backbone type {bb.get('model_type')!r} is not transformers' timm wrapper: "
-                            "pass backbone=BackboneConfig(...) (its weights will not convert)")
+            problems.append(f"backbone type {bb.get('model_type')!r} is neither transformers' timm wrapper nor "
+                            "its Swin: pass backbone=BackboneConfig(...) (its weights will not convert)")
     if problems:
         raise ValueError("Mask2Former config not supported by proscale: " + "; ".join(problems))
     heads = int(get("num_attention_heads", 8))
@@ -269,8 +285,14 @@ def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], d
 
 
 def class_metadata_from_hf(hf_config: Any) -> dict | None:
-    """{"categories": [{"id", "name"}, ...]} from the config's id2label (contiguous ids), or None."""
-    id2label = _as_dict(hf_config).get("id2label")
+    """{"categories": [{"id", "name"}, ...]} from the config's id2label (contiguous ids), or None.
+    A folder proscale wrote (`proscale convert --to hf`) carries the whole class metadata (ids,
+    is-thing flags, colours) as "proscale_metadata": that is used when it has one entry per label."""
+    config = _as_dict(hf_config)
+    id2label = config.get("id2label")
+    ours = config.get("proscale_metadata")
+    if isinstance(ours, Mapping) and id2label and len(ours.get("categories") or ()) == len(id2label):
+        return dict(ours)
     if not id2label:
         return None
     return {"name": "", "categories": [{"id": int(i), "name": str(id2label[i])}

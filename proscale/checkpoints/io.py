@@ -23,6 +23,7 @@ from proscale.checkpoints.errors import CheckpointError, CorruptCheckpointError,
 from proscale.checkpoints.loader import load_checkpoint
 from proscale.checkpoints.safe_load import SAFETENSORS_META_PREFIX, checkpoint_format, safe_load
 from proscale.fileio import atomic_write
+from proscale.models.pretrained import safetensors_bytes
 
 
 def atomic_save(obj: Any, path: str | os.PathLike, *, fmt: str | None = None) -> Path:
@@ -43,24 +44,12 @@ def atomic_save(obj: Any, path: str | os.PathLike, *, fmt: str | None = None) ->
 
 
 def _safetensors_bytes(obj: Mapping) -> bytes:
-    from safetensors.torch import save
-
     metadata = None
     tensors = obj
     if isinstance(obj.get("model"), Mapping):
         tensors = obj["model"]
         metadata = {SAFETENSORS_META_PREFIX + k: json.dumps(v) for k, v in obj.items() if k != "model"}
-    out, seen = {}, set()
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"safetensors holds only tensors; {name!r} is a {type(t).__name__}")
-        t = t.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        if ptr is not None and ptr in seen:  # safetensors refuses shared storage
-            t = t.clone()
-        seen.add(ptr)
-        out[name] = t
-    return save(out, metadata=metadata)
+    return safetensors_bytes(tensors, metadata)
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:

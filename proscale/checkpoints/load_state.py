@@ -113,9 +113,12 @@ def _add_notes(model: nn.Module, report: LoadReport) -> None:
         if trc is not None and trc.layout not in ("official", "official_conv"):
             report.notes.append(f"TRC layout is {trc.layout!r}; the authors' released weights were trained "
                                 f"with the 'official' layout")
-    if any(k.startswith("backbone.norm") for k in report.unexpected):
-        report.notes.append("backbone.norm{i}: detectron2's Swin normalises each output stage; proscale's timm "
-                            "backbone has no such norms, so these weights cannot be used")
+    if any(k.startswith("backbone.out_norms.") for k in report.unexpected):
+        report.notes.append("backbone.out_norms (detectron2's backbone.norm{i}): the checkpoint normalises each "
+                            "output stage; build the model with backbone.out_norms=true (the Swin presets do)")
+    if any(k.startswith("backbone.out_norms.") for k in report.missing):
+        report.notes.append("backbone.out_norms: the model normalises each output stage but the checkpoint has "
+                            "no such norms; build it with backbone.out_norms=false")
 
 
 def build_loaded_model(cfg, converted: Mapping[str, Any], source: str, ignored: Iterable[str] = (),
@@ -125,6 +128,12 @@ def build_loaded_model(cfg, converted: Mapping[str, Any], source: str, ignored: 
     The arguments after `cfg` are those of `load_converted`."""
     from proscale.models.maskformer import build_maskformer
 
-    model = build_maskformer(cfg)
+    # Every weight comes from the file: never let timm fetch pretrained backbone weights for it
+    # (the config keeps saying how the backbone was initialised for training).
+    pretrained, cfg.backbone.pretrained = cfg.backbone.pretrained, ""
+    try:
+        model = build_maskformer(cfg)
+    finally:
+        cfg.backbone.pretrained = pretrained
     report = load_converted(model, converted, source, ignored, unmapped, strict=strict, path=path)
     return model.eval(), report

@@ -5,16 +5,20 @@
 
 `load_model` accepts, and takes the model config from:
   a proscale checkpoint (.pt / .safetensors: save_model, training)   its stored "config"
+  a proscale save_pretrained folder (config.json + model.safetensors) its config.json's "model"
   a detectron2 Mask2Former .pkl, a PRO-SCALE release .pth            the keys (from_detectron2.infer_config)
   a transformers save_pretrained folder, or a .safetensors in one    its config.json (+ preprocessor_config.json),
                                                                     else the keys
 `preset=` (a name or a ModelConfig) replaces that config; then `num_classes=` and `overrides=`
 apply. The Predictor and `proscale eval / predict / convert / export` build their models with it.
+`from_pretrained(folder)` is `load_model` for folders, returning the model alone (as
+transformers' and timm's do); class metadata found in the file is on `model.metadata`.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ from proscale.checkpoints.safe_load import safe_load
 from proscale.checkpoints.state_dict import SOURCES, detect_source, extract_state_dict
 from proscale.config import ModelConfig, apply_overrides, from_dict
 from proscale.distributed import resolve_device
+from proscale.models import pretrained as pretrained_format
 from proscale.presets import get_preset
 
 # TRC layout of weights whose file does not say: the authors' release (detectron2 naming) was
@@ -121,12 +126,47 @@ def _stored_config(obj: Mapping[str, Any], where: str) -> ModelConfig | None:
         raise CheckpointError(f"{where}: stored config does not fit this proscale version: {e}") from None
 
 
+def _read_pretrained(folder: Path, config: dict) -> WeightsFile:
+    """A proscale save_pretrained folder (proscale.models.pretrained), its config.json already parsed."""
+    where = folder / pretrained_format.CONFIG_NAME
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > pretrained_format.FORMAT_VERSION:
+        raise CheckpointError(f"{where}: format_version {version!r}: this proscale reads versions up to "
+                              f"{pretrained_format.FORMAT_VERSION} (written by proscale "
+                              f"{config.get('proscale_version', '?')}; upgrade proscale)")
+    weights = folder / pretrained_format.WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: no {pretrained_format.WEIGHTS_NAME} beside config.json")
+    state = extract_state_dict(safe_load(weights), str(weights))
+    stored = _stored_config({"config": config.get("model")}, str(where))
+    if stored is None:
+        raise CheckpointError(f"{where}: no \"model\" entry (the model config)")
+    inference = dict(config.get("inference") or {})
+    data = {k: inference.pop(k) for k in ("min_size_test", "max_size_test") if k in inference}
+    train_config = {"data": data, "test": inference} if data or inference else None
+    return WeightsFile(state, stored_config=stored, metadata=config.get("metadata"), train_config=train_config)
+
+
+def _read_folder(path: Path) -> WeightsFile:
+    config_path = path / pretrained_format.CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_path}: not valid JSON: {e}") from None
+    if config is None:
+        raise CheckpointError(f"{path}: no config.json (neither a proscale nor a Hugging Face save_pretrained "
+                              f"folder)")
+    if isinstance(config, dict) and config.get("format") == pretrained_format.FORMAT:
+        return _read_pretrained(path, config)
+    hf_config, state, preprocessor = read_hf_folder(path)  # transformers' save_pretrained
+    return WeightsFile(state, hf_config=hf_config, preprocessor=preprocessor)
+
+
 def read_weights(path: Path) -> WeightsFile:
-    """A weights file or transformers folder as read: its state dict (file naming), and whatever
-    describes the model (stored config, config.json, class metadata)."""
-    if path.is_dir():  # a transformers save_pretrained folder
-        hf_config, state, preprocessor = read_hf_folder(path)
-        return WeightsFile(state, hf_config=hf_config, preprocessor=preprocessor)
+    """A weights file or a save_pretrained folder (proscale's or transformers') as read: its state dict
+    (file naming), and whatever describes the model (stored config, config.json, class metadata)."""
+    if path.is_dir():
+        return _read_folder(path)
     obj = safe_load(path)
     state = extract_state_dict(obj, str(path))
     return WeightsFile(state, stored_config=_stored_config(obj, str(path)), metadata=obj.get("metadata"),
@@ -182,5 +222,20 @@ def load_model(path: str | os.PathLike, *, preset: str | ModelConfig | None = No
     metadata = weights.metadata
     if metadata is None and weights.hf_config is not None:
         metadata = class_metadata_from_hf(weights.hf_config)
+    if metadata and len(metadata.get("categories") or ()) == cfg.num_classes:
+        model.metadata = metadata  # save_pretrained writes it back
     info = CheckpointInfo(str(path), source, cfg, report, metadata, weights.train_config)
     return model.to(resolve_device(device)), info
+
+
+def from_pretrained(folder: str | os.PathLike, *, device: str | torch.device = "cpu", **kwargs) -> nn.Module:
+    """The MaskFormer (eval mode) in a save_pretrained folder: proscale's (config.json +
+    model.safetensors, `model.save_pretrained`) or transformers' Mask2Former (e.g. what
+    `proscale convert --to hf` writes). Local folders only: the model hub is never contacted.
+    Other keyword arguments are `load_model`'s (preset=, overrides=, num_classes=, strict=)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "is a file, not a folder (use load_model for weight files)" if folder.exists() else \
+            "no such folder (from_pretrained reads a local save_pretrained folder; the model hub is not used)"
+        raise CheckpointError(f"{folder}: {what}")
+    return load_model(folder, device=device, **kwargs)[0]

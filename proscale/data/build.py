@@ -1,6 +1,7 @@
 """`build_dataset("kind:/path/root", split, transforms)`: the data sets the CLI can name.
 
-    coco-panoptic:/data/coco     annotations/panoptic_{split}.json, panoptic_{split}/*.png,
+    coco-panoptic:/data/coco     annotations/panoptic_{split}.json, panoptic_{split}/*.png (or
+                                 annotations/panoptic_{split}/*.png, as the COCO zip unpacks),
                                  {split}/*.jpg (split "val" also finds val2017); see coco_panoptic
     coco-instances:/data/coco    annotations/instances_{split}.json, {split}/*.jpg; see coco_instances
     semantic:/data/ADEChallengeData2016

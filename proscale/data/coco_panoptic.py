@@ -4,6 +4,8 @@ Layout under `root` (COCO names its splits train2017 / val2017; `split="val"` fi
 `val2017` when only that exists):
     annotations/panoptic_{split}.json    images, annotations (one per image), categories
     panoptic_{split}/<name>.png           RGB PNG, segment id = R + 256 G + 256^2 B, 0 = void
+                                          (detectron2's layout; the official COCO zip unpacks
+                                          them to annotations/panoptic_{split}/, found as well)
     {split}/<image file_name>             the RGB images
     annotations/instances_{split}.json    optional, for instance evaluation (things only)
     panoptic_semseg_{split}/<stem>.png    optional, contiguous class per pixel (255 = ignore)
@@ -19,12 +21,28 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from proscale.data.errors import DataError, Problem, raise_first_error
+from proscale.data.errors import DataError, MissingFileError, Problem, raise_first_error
 from proscale.data.files import (decode_image, decode_panoptic_png, finish_sample,
                                  image_shape_problems, image_tensor, load_json, require_dir,
                                  size_problem)
 from proscale.data.metadata import DatasetMetadata
 from proscale.data.schema import bbox_problems, index_coco, is_int, valid_file_name
+
+
+# Where the panoptic PNG folder may be, in the order looked at: detectron2's datasets/coco layout,
+# then where panoptic_annotations_trainval2017.zip's inner panoptic_{split}2017.zip unpacks.
+PNG_DIR_CANDIDATES = ("panoptic_{split}", os.path.join("annotations", "panoptic_{split}"))
+
+
+def find_png_dir(root: str, split: str) -> str:
+    """The panoptic PNG folder of `split` under `root` (PNG_DIR_CANDIDATES, first that exists).
+    Raises MissingFileError naming every path looked at when none exists."""
+    candidates = [os.path.join(root, c.format(split=split)) for c in PNG_DIR_CANDIDATES]
+    for path in candidates:
+        if os.path.isdir(path):
+            return path
+    raise MissingFileError(candidates[0], "panoptic PNG folder not found; looked for "
+                           + " and ".join(candidates))
 
 
 def resolve_split(root: str, pattern: str, split: str) -> str:
@@ -52,13 +70,12 @@ class CocoPanopticDataset(Dataset):
         split = resolve_split(root, "annotations/panoptic_{split}.json", split)
         self.root, self.split, self.transforms, self.keep_crowd = root, split, transforms, keep_crowd
         self.json_file = os.path.join(root, "annotations", f"panoptic_{split}.json")
-        self.png_dir = os.path.join(root, f"panoptic_{split}")
         self.image_dir = os.path.join(root, split)
         data = load_json(self.json_file, "panoptic annotation file")
         index = index_coco(data, self.json_file, "panoptic")
         self.problems: list[Problem] = index.problems
         raise_first_error([p for p in index.problems if index.fatal or not defer_errors])
-        require_dir(self.png_dir, "panoptic PNG")
+        self.png_dir = find_png_dir(root, split)
         require_dir(self.image_dir, "image")
 
         instances = os.path.join(root, "annotations", f"instances_{split}.json")

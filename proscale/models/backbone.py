@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from proscale.config import BackboneConfig
+from proscale.models.swin import make_original_swin_
+from proscale.models.swin import make_original_swin_
 
 NAMES = ("res2", "res3", "res4", "res5")
 
@@ -74,19 +76,23 @@ class TimmBackbone(nn.Module):
     """Wraps a timm `features_only` model (module docstring for `pretrained`).
 
     forward: (B, 3, H, W) normalised images -> {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)}
+    out_norms: a LayerNorm over the channels of each output map (`out_norms.i`), as the original
+    Swin's output stages have (detectron2's backbone.norm{i}).
     """
 
     def __init__(self, name: str, pretrained: str | bool = "", freeze_bn: bool = False, drop_path_rate: float = 0.0,
-                 freeze_at: int = 0):
+                 freeze_at: int = 0, out_norms: bool = False):
         super().__init__()
         pretrained = {True: "hub", False: ""}.get(pretrained, pretrained)  # configs written before it was a path
         kwargs = {"features_only": True}
         model_kwargs = {}
         if drop_path_rate:
             model_kwargs["drop_path_rate"] = drop_path_rate
-        if "swin" in name:
-            # Accept any input size that is a multiple of 32 (windows are padded inside).
-            model_kwargs.update(strict_img_size=False)
+        swin = "swin" in name
+        if swin:
+            # Accept any input size that is a multiple of 32 (windows are padded inside), and keep
+            # every window shift: the original Swin's windows (models/swin.py).
+            model_kwargs.update(strict_img_size=False, always_partition=True)
         if pretrained in ("hub", "true"):
             kwargs["pretrained"] = True
         elif pretrained:
@@ -97,15 +103,18 @@ class TimmBackbone(nn.Module):
         wanted = [reductions.index(r) for r in (4, 8, 16, 32)]
         if len(reductions) != 4:
             body = timm.create_model(name, out_indices=tuple(wanted), **kwargs, **model_kwargs)
-        self.body = body
+        self.body = make_original_swin_(body) if swin else body
         self.channels = body.feature_info.channels()
         self.names = NAMES
         # Swin / ConvNeXt-style timm models may return channels-last maps.
         self.channels_last = getattr(body, "output_fmt", "NCHW") == "NHWC"
+        self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels) if out_norms else None
         if freeze_bn:
             timm.layers.freeze_batch_norm_2d(self.body)
         if freeze_at:
             freeze_stages(self.body, freeze_at)
+            if freeze_at == 5 and self.out_norms is not None:
+                self.out_norms.requires_grad_(False)
 
     @property
     def out_channels(self) -> dict[str, int]:
@@ -113,7 +122,10 @@ class TimmBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.body(x)
-        if self.channels_last:
+        if self.out_norms is not None:  # LayerNorm over channels: on (B, H, W, C) maps
+            feats = [f if self.channels_last else f.permute(0, 2, 3, 1) for f in feats]
+            feats = [norm(f).permute(0, 3, 1, 2) for norm, f in zip(self.out_norms, feats)]
+        elif self.channels_last:
             feats = [f.permute(0, 3, 1, 2) for f in feats]
         return dict(zip(self.names, feats))
 
@@ -142,4 +154,4 @@ def freeze_stages(body: nn.Module, freeze_at: int) -> list[str]:
 
 def build_backbone(cfg: BackboneConfig) -> TimmBackbone:
     return TimmBackbone(cfg.name, pretrained=cfg.pretrained, freeze_bn=cfg.freeze_bn, drop_path_rate=cfg.drop_path_rate,
-                        freeze_at=5 if cfg.freeze else cfg.freeze_at)
+                        freeze_at=5 if cfg.freeze else cfg.freeze_at, out_norms=cfg.out_norms)

@@ -8,10 +8,11 @@ from torch import nn
 from proscale.config import ModelConfig
 from proscale.models.backbone import build_backbone
 from proscale.models.pixel_decoder import build_pixel_decoder
+from proscale.models.pretrained import SavePretrainedMixin
 from proscale.models.transformer_decoder import build_transformer_decoder
 
 
-class MaskFormer(nn.Module):
+class MaskFormer(SavePretrainedMixin, nn.Module):
     """Mask2Former, with a baseline or PRO-SCALE encoder in its pixel decoder.
 
     forward(images): images is a (B, 3, H, W) tensor or a list of (3, H_i, W_i) tensors, RGB in
@@ -22,6 +23,7 @@ class MaskFormer(nn.Module):
          "image_sizes": [(H_i, W_i)], "padded_size": (Hp, Wp)}
     and, with `keep_features` set (distillation), "pixel_decoder": {"mask_features", "maps"} as
     `forward_pixel_decoder` returns them.
+    save_pretrained(folder): config.json + model.safetensors (proscale.models.pretrained).
     """
 
     def __init__(self, backbone: nn.Module, pixel_decoder: nn.Module, transformer_decoder: nn.Module,
@@ -33,6 +35,7 @@ class MaskFormer(nn.Module):
         self.size_divisibility = size_divisibility
         self.cfg = cfg
         self.keep_features = False
+        self.metadata: dict | None = None  # class names / is-thing flags, when loaded from a file that has them
 
     @property
     def num_classes(self) -> int:
