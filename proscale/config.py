@@ -22,16 +22,19 @@ class BackboneConfig:
 
 @dataclass
 class EncoderConfig:
-    """The deformable encoder. Mask2Former is plan (0, 0, 6), no TRC, conv output."""
+    """The deformable encoder. Mask2Former is plan (0, 0, 6), no TRC, conv output; Deformable
+    DETR is plan (0, 0, 0, 6) over its four levels."""
 
-    plan: tuple[int, int, int] = (0, 0, 6)  # layers per stage: (res5 only, +res4, +res3)
-    trc: bool = False  # Token Re-Calibration gates res5 and res4 before they join
+    # Layers per stage, one stage per level, coarse to fine: stage s adds level s. Mask2Former
+    # (3 levels): (res5 only, +res4, +res3); Deformable DETR (4 levels): strides (64, +32, +16, +8).
+    plan: tuple[int, ...] = (0, 0, 6)
+    trc: bool = False  # Token Re-Calibration gates every level but the finest before it joins
     trc_temperature: float = 1.0
     # "spatial" (as the paper describes), "official" (raw view, Linear score) or "official_conv"
     # (raw view, 1x1-conv score): docs/method.md, "Token Re-Calibration (TRC)"
     trc_layout: str = "spatial"
     residual: bool = False  # after each stage-1/2 layer, add back the gated input tokens present
-    output: str = "conv"  # stride-4 output block: "conv" (3x3 conv, Mask2Former) or "lpe"
+    output: str = "conv"  # Mask2Former's stride-4 output block: "conv" (3x3 conv) or "lpe"; unused by detection
     d_model: int = 256
     n_heads: int = 8
     n_points: int = 4
