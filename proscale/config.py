@@ -251,6 +251,13 @@ def from_dict(cls: type, data: dict) -> Any:
     return cls(**kwargs)
 
 
+def model_config_from_dict(data: dict) -> "ModelConfig | DetrConfig":
+    """A stored model config (a checkpoint's "config") as the dataclass of its family: a
+    DetrConfig (detection) is recognised by its detection-only fields, else a ModelConfig."""
+    detection_only = {f.name for f in dataclasses.fields(DetrConfig)} - {f.name for f in dataclasses.fields(ModelConfig)}
+    return from_dict(DetrConfig if detection_only & set(data) else ModelConfig, data)
+
+
 def _parse_scalar(text: str, kind: type) -> Any:
     text = text.strip()
     if kind is bool:

@@ -24,9 +24,12 @@ from torch import nn
 from proscale.checkpoints.loader import CheckpointInfo, load_model
 from proscale.data.metadata import Category, DatasetMetadata
 from proscale.distributed import resolve_device
+from proscale.models.detr import DeformableDETR
+from proscale.models.detr.postprocess import detections
 from proscale.models.postprocess import InferenceConfig, postprocess
 
-TASK_KEYS = {"panoptic": "panoptic", "instance": "instances", "semantic": "sem_seg"}
+TASK_KEYS = {"panoptic": "panoptic", "instance": "instances", "semantic": "sem_seg", "detection": "detections"}
+SEGMENTATION_TASKS = ("panoptic", "instance", "semantic")
 
 
 def metadata_from_dict(data: dict | None, num_classes: int) -> DatasetMetadata:
@@ -102,15 +105,17 @@ def load_image(image: Any) -> torch.Tensor:
 
 
 class Predictor:
-    """Runs a model on single images. `tasks` is any of "panoptic", "instance", "semantic".
+    """Runs a model on single images. `tasks` is any of "panoptic", "instance", "semantic" for
+    a segmentation model (default: panoptic), "detection" for a detector (its only task and the
+    default).
 
     checkpoint_or_model: a weights file `proscale.checkpoints.load_model` reads (a proscale
-    checkpoint also brings its categories and test settings) or a MaskFormer (then pass
-    `metadata`, else classes are named class_i and all are things).
+    checkpoint also brings its categories and test settings) or a MaskFormer / DeformableDETR
+    (then pass `metadata`, else classes are named class_i and all are things).
     """
 
     def __init__(self, checkpoint_or_model: str | os.PathLike | nn.Module, device: str | torch.device = "auto",
-                 tasks: tuple[str, ...] | list[str] | str = ("panoptic",), metadata: DatasetMetadata | None = None,
+                 tasks: tuple[str, ...] | list[str] | str | None = None, metadata: DatasetMetadata | None = None,
                  inference: InferenceConfig | None = None, min_size_test: int | None = None,
                  max_size_test: int | None = None):
         self.device = resolve_device(device)
@@ -122,10 +127,15 @@ class Predictor:
         self.metadata = metadata or settings.metadata
         self.min_size_test = settings.min_size_test if min_size_test is None else min_size_test
         self.max_size_test = settings.max_size_test if max_size_test is None else max_size_test
+        self.detector = isinstance(self.model, DeformableDETR)
+        if tasks is None:
+            tasks = ("detection",) if self.detector else ("panoptic",)
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
-        unknown = [t for t in tasks if t not in TASK_KEYS]
+        allowed = ("detection",) if self.detector else SEGMENTATION_TASKS
+        unknown = [t for t in tasks if t not in allowed]
         if unknown or not tasks:
-            raise ValueError(f"tasks must be among {', '.join(TASK_KEYS)}, got {tasks}")
+            kind = "a detector" if self.detector else "a segmentation model"
+            raise ValueError(f"tasks of {kind} must be among {', '.join(allowed)}, got {tasks}")
         self.tasks = tasks
         self.inference = dataclasses.replace(inference or settings.inference, panoptic_on="panoptic" in tasks,
                                              instance_on="instance" in tasks, semantic_on="semantic" in tasks)
@@ -144,11 +154,16 @@ class Predictor:
         """Results at the original image size (on the CPU), keys as the tasks ask:
         "panoptic": {"panoptic_seg": int32 (H, W), "segments_info": [{"id", "category_id", "isthing",
         "score", "area"}]}, "instances": {"masks": bool (N, H, W), "scores": (N,), "labels": (N,)},
-        "sem_seg": float (K, H, W). Category ids are contiguous indices into `self.metadata`."""
+        "sem_seg": float (K, H, W); a detector's "detections": {"boxes": (N, 4) (x0, y0, x1, y1)
+        pixels, "scores": (N,), "labels": (N,)}, the top `test_topk_per_image` (query, class)
+        scores. Category ids are contiguous indices into `self.metadata`."""
         original = load_image(image)
         h, w = original.shape[-2:]
         x = self._resize(original).to(self.device)
         outputs = self.model([x])
+        if self.detector:
+            det = detections(outputs, [(h, w)], self.inference.test_topk_per_image)[0]
+            return {"detections": _to_cpu({k: det[k] for k in ("boxes", "scores", "labels")})}
         result = postprocess(outputs, [{"height": h, "width": w}], self.inference, self.metadata.thing_classes)[0]
         return _to_cpu(result)
 

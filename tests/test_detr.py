@@ -170,3 +170,26 @@ def test_tiny_detector_learns_one_batch(decoder):
     assert len([k for k in losses if k.startswith("loss_giou")]) == 2 + bool(decoder.get("two_stage"))
     assert totals[-1] < 0.6 * totals[0], totals
     assert model.encoder.trc.score.weight.grad is not None and model.encoder.trc.score.weight.grad.abs().sum() > 0
+
+
+def test_box_ap_with_pycocotools():
+    """Perfect boxes score AP 100; boxes at IoU ~0.6 count at AP50 but not at AP75; a wrong class scores 0."""
+    from proscale.evaluation import InstanceEvaluator
+
+    gt = {"images": [{"id": 1, "height": 100, "width": 100, "file_name": "a.jpg"}],
+          "categories": [{"id": 5, "name": "box"}, {"id": 9, "name": "disc"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [10, 10, 40, 40], "area": 1600, "iscrowd": 0},
+                          {"id": 2, "image_id": 1, "category_id": 9, "bbox": [60, 50, 30, 30], "area": 900, "iscrowd": 0}]}
+
+    def ap(boxes, labels):
+        ev = InstanceEvaluator(instances_json=gt, iou_type="bbox")
+        ev.process_boxes(1, torch.tensor(boxes, dtype=torch.float64), torch.tensor([0.9, 0.8]), torch.tensor(labels))
+        return ev.evaluate()
+
+    perfect = ap([[10, 10, 50, 50], [60, 50, 90, 80]], [0, 1])
+    assert perfect["AP"] == pytest.approx(100.0) and perfect["per_class"] == pytest.approx({"box": 100.0, "disc": 100.0})
+    shifted = ap([[10, 10, 50, 50], [66, 50, 96, 80]], [0, 1])  # IoU 24*30 / (2*900 - 720) = 0.67
+    assert shifted["AP50"] == pytest.approx(100.0) and shifted["AP75"] == pytest.approx(50.0)
+    assert ap([[10, 10, 50, 50], [60, 50, 90, 80]], [1, 0])["AP"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="iou_type"):
+        InstanceEvaluator(instances_json=gt, iou_type="keypoints")

@@ -30,7 +30,7 @@ from proscale.checkpoints.from_hf import (class_metadata_from_hf, config_from_hf
 from proscale.checkpoints.load_state import LoadReport, build_loaded_model, load_converted
 from proscale.checkpoints.safe_load import safe_load
 from proscale.checkpoints.state_dict import SOURCES, detect_source, extract_state_dict
-from proscale.config import ModelConfig, apply_overrides, from_dict
+from proscale.config import ModelConfig, apply_overrides, model_config_from_dict
 from proscale.distributed import resolve_device
 from proscale.presets import get_preset
 
@@ -116,7 +116,7 @@ def _stored_config(obj: Mapping[str, Any], where: str) -> ModelConfig | None:
     if dataclasses.is_dataclass(data):
         return data
     try:
-        return from_dict(ModelConfig, data)
+        return model_config_from_dict(data)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: stored config does not fit this proscale version: {e}") from None
 

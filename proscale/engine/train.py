@@ -44,7 +44,7 @@ import torch
 
 from proscale import distributed as du
 from proscale.checkpoints.io import CheckpointError
-from proscale.config import ModelConfig, TrainConfig, apply_overrides, from_dict, to_dict
+from proscale.config import DetrConfig, ModelConfig, TrainConfig, apply_overrides, from_dict, to_dict
 from proscale.engine import checkpointer
 from proscale.engine.checkpointer import plain
 from proscale.engine.evaluate import tasks_from_config
@@ -62,7 +62,7 @@ __all__ = ["TrainConfig", "NonFiniteLossError", "RunFolderBusy", "train", "build
 
 
 # ---------------------------------------------------------------------------------- building
-def build_model_config(cfg: TrainConfig, num_classes: int) -> ModelConfig:
+def build_model_config(cfg: TrainConfig, num_classes: int) -> ModelConfig | DetrConfig:
     from proscale.presets import get_preset
 
     mcfg = get_preset(cfg.preset)
@@ -106,6 +106,8 @@ def build_trainer(cfg: TrainConfig, info: du.DistInfo) -> tuple[Trainer, object,
     validation data). Every rank builds the same initial weights (seeded by cfg.seed)."""
     from proscale.data import build_dataloader
     from proscale.models.criterion import build_criterion
+    from proscale.models.detr import build_detr
+    from proscale.models.detr.criterion import build_detr_criterion
     from proscale.models.maskformer import build_maskformer
 
     W, A = info.world_size, cfg.solver.accumulate
@@ -116,14 +118,21 @@ def build_trainer(cfg: TrainConfig, info: du.DistInfo) -> tuple[Trainer, object,
     val_dataset = build_val_dataset(cfg)
     mcfg = build_model_config(cfg, metadata.num_classes)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_maskformer(mcfg).to(info.device)
+    # The model family follows from the preset's config type: a DetrConfig is a detector.
+    detection = isinstance(mcfg, DetrConfig)
+    if detection:
+        model = build_detr(mcfg).to(info.device)
+        criterion = build_detr_criterion(mcfg.num_classes, cfg.loss, metadata.thing_classes)
+    else:
+        model = build_maskformer(mcfg).to(info.device)
+        criterion = build_criterion(mcfg.num_classes, cfg.loss)
     use_amp = cfg.solver.amp and info.device.type == "cuda"
     amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.solver.amp_dtype]
-    if use_amp:
+    if use_amp and not detection:
         keep_fp32(model.pixel_decoder)
     optimizer = build_optimizer(model, cfg.solver)
     trainer = Trainer(
-        cfg=cfg, info=info, model=model, criterion=build_criterion(mcfg.num_classes, cfg.loss).to(info.device),
+        cfg=cfg, info=info, model=model, criterion=criterion.to(info.device),
         optimizer=optimizer, scheduler=build_lr_scheduler(optimizer, cfg.solver, cfg.iterations),
         scaler=torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16),
         loader=build_dataloader(dataset, micro, train=True, num_workers=cfg.data.num_workers, seed=cfg.seed,

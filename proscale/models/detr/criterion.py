@@ -8,6 +8,7 @@ scales them as it scales Mask2Former's mask losses (keys not starting with "loss
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -69,10 +70,13 @@ class DetrCriterion(nn.Module):
     the same keys suffixed `_i` for aux prediction i and `_enc` for the two-stage proposals
     (class-agnostic: every target counts as class 0, as Deformable DETR trains them).
     `weight(key)` gives a key's weight; targets carry "labels" and "masks" (or "boxes", xyxy
-    pixels) at each image's size, which `outputs["image_sizes"]` gives."""
+    pixels) at each image's size, which `outputs["image_sizes"]` gives. `object_classes`: the
+    labels that are objects (a panoptic data set's things); None: all."""
 
-    def __init__(self, num_classes: int, matcher: BoxMatcher, cfg: LossConfig | None = None):
+    def __init__(self, num_classes: int, matcher: BoxMatcher, cfg: LossConfig | None = None,
+                 object_classes: Sequence[int] | None = None):
         super().__init__()
+        self.object_classes = None if object_classes is None else [int(c) for c in object_classes]
         self.cfg = cfg = cfg or LossConfig()
         self.num_classes, self.matcher = num_classes, matcher
         self.base_weights = {"loss_focal": cfg.class_weight, "loss_bbox": cfg.bbox_weight, "loss_giou": cfg.giou_weight}
@@ -101,7 +105,7 @@ class DetrCriterion(nn.Module):
                 f"loss_giou{suffix}": giou / num_boxes}
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
-        targets = box_targets(targets, outputs["image_sizes"])
+        targets = box_targets(targets, outputs["image_sizes"], self.object_classes)
         n = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=outputs["pred_logits"].device)
         num_boxes = max(all_reduce_tensor(n, "mean").item(), 1.0)
         with torch.autocast(device_type=outputs["pred_logits"].device.type, enabled=False):
@@ -120,8 +124,9 @@ class DetrCriterion(nn.Module):
         return f"num_classes={self.num_classes}, cfg={self.cfg}"
 
 
-def build_detr_criterion(num_classes: int, cfg: LossConfig | None = None) -> DetrCriterion:
+def build_detr_criterion(num_classes: int, cfg: LossConfig | None = None,
+                         object_classes: Sequence[int] | None = None) -> DetrCriterion:
     """The matcher uses the loss weights as its costs (class 2, L1 5, GIoU 2 by default)."""
     cfg = cfg or LossConfig()
     matcher = BoxMatcher(cfg.class_weight, cfg.bbox_weight, cfg.giou_weight, cfg.focal_alpha, cfg.focal_gamma)
-    return DetrCriterion(num_classes, matcher, cfg)
+    return DetrCriterion(num_classes, matcher, cfg, object_classes)

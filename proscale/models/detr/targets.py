@@ -2,6 +2,8 @@
 things, the synthetic data), so a box is the tight box of its mask after augmentation."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -24,14 +26,19 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(masks.flatten(1).any(1)[:, None], boxes, torch.zeros_like(boxes))
 
 
-def box_targets(targets: list[dict], image_sizes: list[tuple[int, int]]) -> list[dict]:
+def box_targets(targets: list[dict], image_sizes: list[tuple[int, int]],
+                classes: Sequence[int] | None = None) -> list[dict]:
     """[{"labels": (N,), "masks": bool (N, H_i, W_i) or "boxes": (N, 4) xyxy pixels}] ->
     [{"labels": (M,), "boxes": (M, 4) (cx, cy, w, h) normalised by the image size}], dropping
-    empty instances (masks cropped away by augmentation)."""
+    empty instances (masks cropped away by augmentation) and, when `classes` is given, labels
+    outside it (a panoptic data set's stuff segments are not objects)."""
     out = []
     for t, (h, w) in zip(targets, image_sizes):
         xyxy = t["boxes"].float() if "boxes" in t else mask_boxes(t["masks"][:, :h, :w])
         keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        if classes is not None:
+            keep &= torch.isin(t["labels"], torch.as_tensor(list(classes), dtype=t["labels"].dtype,
+                                                            device=t["labels"].device))
         xyxy = xyxy[keep] / xyxy.new_tensor([w, h, w, h])
         cxcywh = torch.cat(((xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]), 1)
         out.append({"labels": t["labels"][keep], "boxes": cxcywh})
