@@ -1,6 +1,6 @@
 """Training recipes: the solver, loss and inference settings that make a preset learn.
 
-`SmallRecipe` trains the CPU-sized presets (m2f_nano / proscale_nano_*, m2f_tiny /
+`SmallRecipe` trains the CPU-sized segmentation presets (m2f_nano / proscale_nano_*, m2f_tiny /
 proscale_tiny_333) from scratch on small images in minutes; `proscale quickstart` and
 `proscale tradeoff` use it. (The COCO recipe of the full-size presets is TrainConfig's defaults:
 docs/method.md, training recipe.)
@@ -60,3 +60,14 @@ class SmallRecipe:
             log_period=max(1, min(10, self.iterations // 20)),
             stop_after=stop_after,
         )
+
+
+@dataclass
+class DetectionRecipe(SmallRecipe):
+    """SmallRecipe for the CPU-sized detectors (ddetr_nano / proscale_ddetr_nano_*) from scratch:
+    a lower learning rate and tighter gradient clipping (Deformable DETR clips at 0.1), which
+    `proscale quickstart --task detection` trains with. The loss weights are LossConfig's
+    detection defaults (focal 2, L1 5, GIoU 2)."""
+
+    lr: float = 1e-3
+    clip_grad: float = 0.1

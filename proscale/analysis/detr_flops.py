@@ -139,12 +139,13 @@ def format_detr_table(reports: list[FlopReport]) -> str:
     """Markdown table of detector reports (same number of levels), GFLOPs per component; each
     report after the first gets a ratio column against the first."""
     names = detr_components(len(reports[0].model_info["plan"]))
+    digits = 2 if max(r.gflops["total"] for r in reports) >= 10 else 4
     head = ["component"] + [f"{r.name} GFLOPs" for r in reports] + [f"{r.name}/{reports[0].name}" for r in reports[1:]]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for key, label in names.items():
         if key == "two_stage" and all(r.flops.get(key, 0) == 0 for r in reports):
             continue
-        cells = [label] + [f"{r.gflops.get(key, 0.0):,.2f}" for r in reports]
+        cells = [label] + [f"{r.gflops.get(key, 0.0):,.{digits}f}" for r in reports]
         a = reports[0].flops.get(key, 0)
         cells += [f"{r.flops.get(key, 0) / a:.3f}" if a else "-" for r in reports[1:]]
         if key == "total":
