@@ -223,6 +223,28 @@ def test_original_checkpoint_names_convert_to_the_same_model(pair):
             convert_ddetr_state_dict(state, cfg)
 
 
+def test_weights_files_load_through_load_model(pair, tmp_path):
+    """A transformers save_pretrained folder (config from its config.json) and an original-named
+    .pth ({"model": state}, config from the preset) both load as our detector with the same outputs."""
+    from proscale.checkpoints.loader import load_model
+
+    name, hf, ours = pair
+    folder = tmp_path / "hf"
+    hf.save_pretrained(folder)
+    from_folder, info = load_model(folder)
+    assert info.source == "deformable-detr" and info.config == config_from_hf_detr(hf.config)
+    pth = tmp_path / "r50_deformable_detr.pth"
+    torch.save({"model": original_names(hf.state_dict()), "args": None}, pth)
+    with pytest.raises(CheckpointError, match="preset"):
+        load_model(pth)
+    from_pth, info = load_model(pth, preset=config_from_hf_detr(hf.config))
+    assert info.source == "deformable-detr" and info.config.num_classes == 5
+    ims = images(BATCHES["same_size"])
+    with torch.no_grad():
+        want = ours(ims)["pred_boxes"]
+        assert torch.equal(from_folder(ims)["pred_boxes"], want) and torch.equal(from_pth(ims)["pred_boxes"], want)
+
+
 def test_unknown_state_dict_is_refused():
     with pytest.raises(CheckpointError, match="not a Deformable DETR"):
         detect_naming({"pixel_decoder.encoder.layers.0.norm1.weight": torch.zeros(1)})

@@ -6,6 +6,8 @@ proscale checkpoint (weights + model config) that `proscale eval/predict --check
     proscale convert proscale_r50_333.pth -o proscale_r50_333.pt           # the PRO-SCALE release
     proscale convert mine.pkl -o mine.pt --preset proscale_tiny_333 --trc-layout spatial
     proscale convert m2f_r50.pt -o m2f_r50.pkl --to detectron2             # export to detectron2 names
+    proscale convert r50_deformable_detr.pth -o ddetr.pt --preset ddetr_r50 --num-classes 91   # original Deformable DETR
+    proscale convert hf_deformable_detr/ -o ddetr.pt                       # transformers' Deformable DETR folder
 
 Without --preset the model config is the file's own (a proscale checkpoint's, a Hugging Face
 config.json), else read from the weights: backbone, layer plan, TRC, LPE or conv output, sizes
@@ -24,6 +26,7 @@ from proscale.checkpoints.errors import CheckpointError
 from proscale.checkpoints.from_detectron2 import to_detectron2
 from proscale.checkpoints.io import atomic_save, save_model
 from proscale.checkpoints.loader import load_model
+from proscale.config import DetrConfig
 
 
 def add_parser(subparsers) -> None:
@@ -36,7 +39,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-classes", type=int, help="number of classes (default: from the weights)")
     p.add_argument("--trc-layout", choices=["official", "official_conv", "spatial"],
                    help="TRC layout (default: official for detectron2 weights, else the preset's / stored one)")
-    p.add_argument("--source", choices=["auto", "proscale", "detectron2", "hf"], default="auto",
+    p.add_argument("--source", choices=["auto", "proscale", "detectron2", "hf", "deformable-detr"], default="auto",
                    help="naming of the input weights (default: detected)")
     p.add_argument("--to", choices=["proscale", "detectron2"], default="proscale",
                    help="output naming: a proscale checkpoint, or detectron2's (Mask2Former / PRO-SCALE code)")
@@ -47,6 +50,11 @@ def add_parser(subparsers) -> None:
 def _describe(cfg) -> str:
     e = cfg.encoder
     trc = f"TRC (temperature {e.trc_temperature}, {e.trc_layout} layout)" if e.trc else "no TRC"
+    if isinstance(cfg, DetrConfig):
+        d = cfg.decoder
+        return (f"Deformable DETR: backbone {cfg.backbone.name}, encoder plan {tuple(e.plan)} ({sum(e.plan)} layers, "
+                f"d_model {e.d_model}), {trc}, decoder {d.layers} layers x {d.num_queries} queries, box refine "
+                f"{d.box_refine}, two-stage {d.two_stage}, {cfg.num_classes} classes")
     return (f"backbone {cfg.backbone.name}, encoder plan {tuple(e.plan)} ({sum(e.plan)} layers, d_model {e.d_model}, "
             f"{e.n_heads} heads x {e.n_points} points), {trc}, output {e.output}, decoder {cfg.decoder.dec_layers} "
             f"layers x {cfg.decoder.num_queries} queries, {cfg.num_classes} classes")

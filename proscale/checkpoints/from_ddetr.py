@@ -8,12 +8,12 @@ encoder's token order, models/encoder.py), so the level axis of every deformable
 projections stay in backbone order in all three. Heads: without box refinement both share one
 class head and one box head over the layers (we store one); with it, each prediction has its
 own. The copies of the heads the decoder holds (`*.decoder.bbox_embed`, `*.decoder.class_embed`)
-are the same tensors and are checked and dropped. The backbone maps when it is a ResNet with
-torchvision/timm names: HF's timm wrapper (`model.backbone.model.`) or the original
-`backbone.0.body.`.
+are the same tensors: checked and dropped (or used, where a file kept only the copy). The
+backbone maps when it is a ResNet with torchvision/timm names: HF's timm wrapper
+(`model.backbone.model.`) or the original `backbone.0.body.`.
 
     cfg = config_from_hf_detr(hf_model.config)               # -> DetrConfig
-    state = convert_ddetr_state_dict(hf_model.state_dict(), cfg)
+    state, ignored, unmapped = convert_ddetr_state_dict(hf_model.state_dict(), cfg)
     model = load_ddetr_model(hf_model)                       # our model, eval mode
 """
 from __future__ import annotations
@@ -26,8 +26,6 @@ import torch
 from proscale.checkpoints.errors import CheckpointError
 from proscale.checkpoints.load_state import build_loaded_model
 from proscale.config import BackboneConfig, DetrConfig, DetrDecoderConfig, EncoderConfig
-
-_MSDA = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
 
 # Hugging Face names (full match) -> ours.
 _HF: list[tuple[str, str]] = [
@@ -56,7 +54,8 @@ _ORIGINAL: list[tuple[str, str]] = [
     (r"backbone\.0\.body\.(.+)", r"backbone.body.\1"),
     (r"input_proj\.(\d+)\.([01])\.(weight|bias)", r"input_proj.\1.\2.\3"),
     (r"transformer\.level_embed", r"level_embed"),
-    (r"transformer\.encoder\.layers\.(\d+)\.(self_attn\.\w+|norm[12]|linear[12])\.(weight|bias)", r"encoder.layers.\1.\2.\3"),
+    (r"transformer\.encoder\.layers\.(\d+)\.(self_attn\.\w+|norm[12]|linear[12])\.(weight|bias)",
+     r"encoder.layers.\1.\2.\3"),
     (r"transformer\.decoder\.layers\.(\d+)\.self_attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
      r"decoder.layers.\1.self_attn.\2"),
     (r"transformer\.decoder\.layers\.(\d+)\.norm2\.(weight|bias)", r"decoder.layers.\1.norm1.\2"),
@@ -122,8 +121,12 @@ def convert_ddetr_state_dict(state: Mapping[str, torch.Tensor], cfg: DetrConfig,
     for (layer, kind), parts in qkv.items():
         out[f"decoder.layers.{layer}.self_attn.in_proj_{kind}"] = torch.cat([parts[p] for p in "qkv"], 0)
     for name, (key, value) in copies.items():  # the decoder's copies must be the heads themselves
-        if name in out and not torch.equal(out[name], value):
-            raise CheckpointError(f"{key} differs from {name}: this checkpoint's decoder heads are not the model's heads")
+        if name not in out:  # a file that stored tied weights once (save_pretrained) may keep only the copy
+            out[name] = value
+            continue
+        if not torch.equal(out[name], value):
+            raise CheckpointError(f"{key} differs from {name}: this checkpoint's decoder heads are not "
+                                  "the model's heads")
         ignored.append(key)
     # Shared heads: keep prediction 0's, after checking the others are the same tensors.
     if not cfg.decoder.box_refine:
@@ -134,12 +137,20 @@ def convert_ddetr_state_dict(state: Mapping[str, torch.Tensor], cfg: DetrConfig,
                                       f"(set decoder.box_refine=true for this checkpoint)")
             ignored.append(key)
             del out[key]
+    # Levels each layer samples: a decoder layer all L, an encoder layer those of its stage (all L
+    # in the plain plan these checkpoints have; another plan's shapes are reported when loading).
     L = len(cfg.encoder.plan)
-    heads = {"encoder": cfg.encoder.n_heads, "decoder": cfg.decoder.n_heads}
+    encoder_levels = [s + 1 for s, n in enumerate(cfg.encoder.plan) for _ in range(n)]
+    pattern = re.compile(r"(encoder|decoder)\.layers\.(\d+)\.(?:self_attn|cross_attn)\."
+                         r"(?:sampling_offsets|attention_weights)\.\w+")
     for key in list(out):
-        m = re.fullmatch(r"(encoder|decoder)\.layers\.\d+\.(self_attn|cross_attn)\.(sampling_offsets|attention_weights)\.\w+", key)
-        if m:
-            out[key] = _reverse_levels(out[key], heads[m.group(1)], L)
+        m = pattern.fullmatch(key)
+        if m and m.group(1) == "decoder":
+            out[key] = _reverse_levels(out[key], cfg.decoder.n_heads, L)
+        elif m and int(m.group(2)) < len(encoder_levels):
+            levels = encoder_levels[int(m.group(2))]
+            if out[key].shape[0] % (cfg.encoder.n_heads * levels) == 0:
+                out[key] = _reverse_levels(out[key], cfg.encoder.n_heads, levels)
     if "level_embed" in out:
         out["level_embed"] = out["level_embed"].flip(0)
     return out, sorted(ignored), sorted(unmapped)

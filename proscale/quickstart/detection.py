@@ -92,7 +92,8 @@ def stage_measure(cfg: QuickstartConfig, plan: dict) -> dict:
 
 
 def run_detection_quickstart(cfg: QuickstartConfig) -> dict:
-    """Every stage in order, resuming what OUT holds; returns the report summary with "seconds"."""
+    """Every stage in order, resuming what OUT holds; returns the report summary with "trained"
+    (per model: its runs' statuses) and "seconds"."""
     from proscale.tradeoff.runs import default_workers
 
     started = time.perf_counter()
@@ -109,6 +110,7 @@ def run_detection_quickstart(cfg: QuickstartConfig) -> dict:
     measure = stage_measure(cfg, plan)
     result = write_detection_report(cfg, plan, evals, measure)
     say(f"[6/6] report: {result['report_md']} written (with plots and overlays)")
+    result["trained"] = {k: [r["status"] for r in runs] for k, runs in evals.items()}
     result["seconds"] = time.perf_counter() - started
     write_json(out / "stage_times.json", {"last_run_total": result["seconds"]})
     return result

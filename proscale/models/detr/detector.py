@@ -33,6 +33,11 @@ def freeze_stem(backbone: TimmBackbone) -> int:
     return frozen
 
 
+def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) padding mask -> (B, 2): the (width, height) fraction of the map that is image."""
+    return torch.stack(((~mask[:, 0, :]).sum(1) / mask.shape[2], (~mask[:, :, 0]).sum(1) / mask.shape[1]), -1)
+
+
 class DeformableDETR(nn.Module):
     """forward(images): a (B, 3, H, W) tensor or a list of (3, H_i, W_i) tensors, RGB in 0-255.
     Returns
@@ -86,8 +91,8 @@ class DeformableDETR(nn.Module):
         n_heads = n_pred if dec.box_refine else 1
         self.class_embed = nn.ModuleList(class_head(d, cfg.num_classes) for _ in range(n_heads))
         self.bbox_embed = nn.ModuleList(box_head(d) for _ in range(n_heads))
-        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        for name, value in (("pixel_mean", cfg.pixel_mean), ("pixel_std", cfg.pixel_std)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32).view(-1, 1, 1), persistent=False)
 
     @property
     def num_classes(self) -> int:
@@ -119,11 +124,10 @@ class DeformableDETR(nn.Module):
         shapes = tuple((m.shape[-2], m.shape[-1]) for m in maps)
         d = maps[0].shape[1]
         tokens = [m.flatten(2).transpose(1, 2) for m in maps]
-        pos = [masked_sine_encoding(mk, d // 2).to(m.dtype).flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
-               for lvl, (m, mk) in enumerate(zip(maps, masks))]
+        pos = [masked_sine_encoding(mk, d // 2).to(m.dtype).flatten(2).transpose(1, 2)
+               + self.level_embed[lvl].view(1, 1, -1) for lvl, (m, mk) in enumerate(zip(maps, masks))]
         flat_mask = torch.cat([mk.flatten(1) for mk in masks], 1)
-        valid_ratios = torch.stack([torch.stack(((~mk[:, 0, :]).sum(1) / mk.shape[2], (~mk[:, :, 0]).sum(1) / mk.shape[1]), -1)
-                                    for mk in masks], 1).to(maps[0].dtype)
+        valid_ratios = torch.stack([valid_ratio(mk) for mk in masks], 1).to(maps[0].dtype)
         memory = self.encoder(tokens, pos, shapes, padding_mask=flat_mask, valid_ratios=valid_ratios)
         return memory, flat_mask, shapes, valid_ratios
 
@@ -136,7 +140,8 @@ class DeformableDETR(nn.Module):
             return tgt[None].expand(B, -1, -1), query_pos, self.reference_points(query_pos).sigmoid(), None
         if memory.shape[1] < self.cfg.decoder.num_queries:
             raise ValueError(f"two-stage: the image gives {memory.shape[1]} encoder tokens, fewer than the "
-                             f"{self.cfg.decoder.num_queries} proposals to keep (decoder.num_queries): use larger images")
+                             f"{self.cfg.decoder.num_queries} proposals to keep (decoder.num_queries): "
+                             "use larger images")
         proposals, usable = token_proposals(flat_mask, shapes)
         obj = self.enc_output_norm(self.enc_output(memory.masked_fill(~usable, 0.0)))
         cls_head, box_head_ = self.heads(len(self.decoder.layers))
