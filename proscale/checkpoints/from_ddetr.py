@@ -29,18 +29,21 @@ from proscale.config import BackboneConfig, DetrConfig, DetrDecoderConfig, Encod
 
 # Hugging Face names (full match) -> ours.
 _HF: list[tuple[str, str]] = [
-    (r"model\.backbone\.model\.(.+)", r"backbone.body.\1"),
+    # In memory `model.backbone.model.`; in files (save_pretrained, the Hub) `model.backbone.conv_encoder.model.`.
+    (r"model\.backbone\.(?:conv_encoder\.)?model\.(.+)", r"backbone.body.\1"),
     (r"model\.input_proj\.(\d+)\.([01])\.(weight|bias)", r"input_proj.\1.\2.\3"),
     (r"model\.level_embed", r"level_embed"),
     (r"model\.encoder\.layers\.(\d+)\.self_attn\.(\w+)\.(weight|bias)", r"encoder.layers.\1.self_attn.\2.\3"),
     (r"model\.encoder\.layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)", r"encoder.layers.\1.norm1.\2"),
-    (r"model\.encoder\.layers\.(\d+)\.mlp\.fc([12])\.(weight|bias)", r"encoder.layers.\1.linear\2.\3"),
+    # The FFN is `mlp.fc1/2` in memory, `fc1/2` in files; the self-attention output `o_proj` / `out_proj`.
+    (r"model\.encoder\.layers\.(\d+)\.(?:mlp\.)?fc([12])\.(weight|bias)", r"encoder.layers.\1.linear\2.\3"),
     (r"model\.encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"encoder.layers.\1.norm2.\2"),
-    (r"model\.decoder\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", r"decoder.layers.\1.self_attn.out_proj.\2"),
+    (r"model\.decoder\.layers\.(\d+)\.self_attn\.(?:o|out)_proj\.(weight|bias)",
+     r"decoder.layers.\1.self_attn.out_proj.\2"),
     (r"model\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)", r"decoder.layers.\1.norm1.\2"),
     (r"model\.decoder\.layers\.(\d+)\.encoder_attn\.(\w+)\.(weight|bias)", r"decoder.layers.\1.cross_attn.\2.\3"),
     (r"model\.decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.(weight|bias)", r"decoder.layers.\1.norm2.\2"),
-    (r"model\.decoder\.layers\.(\d+)\.mlp\.fc([12])\.(weight|bias)", r"decoder.layers.\1.linear\2.\3"),
+    (r"model\.decoder\.layers\.(\d+)\.(?:mlp\.)?fc([12])\.(weight|bias)", r"decoder.layers.\1.linear\2.\3"),
     (r"model\.decoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"decoder.layers.\1.norm3.\2"),
     (r"model\.query_position_embeddings\.weight", r"query_embed.weight"),
     (r"model\.reference_points\.(weight|bias)", r"reference_points.\1"),
