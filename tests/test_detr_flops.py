@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from proscale.analysis.detr_flops import count_detr_flops, detr_components
+from proscale.analysis.detr_flops import detr_components
 from proscale.analysis.flop_counter import encoder_layer_flops_per_token
 from proscale.analysis.flops import count_preset
 from proscale.cli import main as cli
