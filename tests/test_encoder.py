@@ -263,6 +263,46 @@ def test_four_level_encoder_equals_naive_reference(plan):
         assert (naive_proscale_encoder(sd, other, tokens, pos, SHAPES4) - expected).abs().max() > 1e-3
 
 
+def test_padding_mask_and_valid_ratios():
+    """Deformable DETR's inputs: with nothing padded (valid ratios 1) the encoder is unchanged;
+    reference points follow the valid part of each level; padded tokens are never read."""
+    from proscale.models.encoder import masked_reference_points
+
+    cfg = EncoderConfig(plan=(1, 1, 1, 1), trc=True, **SMALL)
+    enc, _ = encoder_and_weights(cfg, seed=2)
+    g = torch.Generator().manual_seed(7)
+    tokens = [torch.randn(2, h * w, cfg.d_model, generator=g) for h, w in SHAPES4]
+    pos = [torch.randn(2, h * w, cfg.d_model, generator=g) for h, w in SHAPES4]
+    n = sum(h * w for h, w in SHAPES4)
+    with torch.no_grad():
+        plain = enc(tokens, pos, SHAPES4)
+        same = enc(tokens, pos, SHAPES4, padding_mask=torch.zeros(2, n, dtype=torch.bool),
+                   valid_ratios=torch.ones(2, 4, 2))
+    assert (plain - same).abs().max() <= 1e-6
+    # Level 0 of shape (1, 2) and level 1 of (2, 3), the image covering (width, height) fractions
+    # (0.5, 1) and (2/3, 0.5): token (0, 0) of level 1 sits at ((0.5 / (2/3 * 3)), 0.5 / (0.5 * 2))
+    # in image coordinates, then scaled into each level's valid part.
+    ratios = torch.tensor([[[0.5, 1.0], [2 / 3, 0.5]]])
+    ref = masked_reference_points(((1, 2), (2, 3)), ratios)
+    assert ref.shape == (1, 2 + 6, 2, 2)
+    x, y = 0.5 / 2, 0.5 / 1
+    assert torch.allclose(ref[0, 2, 0], torch.tensor([x * 0.5, y * 1.0]))
+    assert torch.allclose(ref[0, 2, 1], torch.tensor([x * 2 / 3, y * 0.5]))
+    # Without TRC (which scores the whole finest map), what padded tokens hold never reaches the
+    # others: their values are zeroed wherever they would be sampled.
+    enc, _ = encoder_and_weights(EncoderConfig(plan=(1, 1, 1, 1), **SMALL), seed=3)
+    mask = torch.zeros(2, n, dtype=torch.bool)
+    mask[1, -10:] = True
+    changed = [t.clone() for t in tokens]
+    changed[-1][1, -10:] += 100.0
+    with torch.no_grad():
+        a = enc(tokens, pos, SHAPES4, padding_mask=mask, valid_ratios=torch.ones(2, 4, 2))
+        b = enc(changed, pos, SHAPES4, padding_mask=mask, valid_ratios=torch.ones(2, 4, 2))
+        c = enc(changed, pos, SHAPES4)  # without the mask they are read
+    assert (a[:, :-10] - b[:, :-10]).abs().max() <= 1e-5 and torch.equal(a[0], b[0])
+    assert (a[1, :-10] - c[1, :-10]).abs().max() > 1e-2
+
+
 def test_encoder_rejects_a_level_count_other_than_its_plan():
     enc = DeformableEncoder(EncoderConfig(plan=(1, 1, 1, 1), **SMALL))
     tokens, pos = encoder_inputs(SMALL["d_model"])  # three levels

@@ -104,6 +104,8 @@ def evaluate(model: nn.Module, dataloader, metadata, tasks=TASKS, inference: Inf
     if isinstance(model, DeformableDETR):
         return {DETECTION: evaluate_detection(model, dataloader, metadata, inference.test_topk_per_image, device,
                                               amp_dtype)}
+    if DETECTION in tasks:
+        logger.warning("detection (box AP) needs a detector (a ddetr_* preset); this is a segmentation model")
     tasks = tuple(t for t in tasks if t != DETECTION)
     evaluators = build_evaluators(metadata, tasks, output_dir)
     cfg = dataclasses.replace(inference, panoptic_on="panoptic" in evaluators, instance_on="instance" in evaluators,
