@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import copy
 
-from proscale.config import ModelConfig, apply_overrides
+from proscale.config import DetrConfig, ModelConfig, apply_overrides
 from proscale.presets import PRESETS, get_preset, list_presets
 
 __version__ = "0.1.0"
 
 
-def build_model(preset: str | ModelConfig = "proscale_r50_333", num_classes: int | None = None,
+def build_model(preset: str | ModelConfig | DetrConfig = "proscale_r50_333", num_classes: int | None = None,
                 overrides: list[str] | None = None):
-    """Builds a MaskFormer from a preset name (see `list_presets`) or a ModelConfig (random
-    weights). A ModelConfig passed in is left as it is: num_classes and overrides go to a copy."""
+    """Builds a model (random weights) from a preset name (see `list_presets`) or a config: a
+    ModelConfig gives a MaskFormer (segmentation), a DetrConfig a DeformableDETR (detection).
+    A config passed in is left as it is: num_classes and overrides go to a copy."""
+    from proscale.models.detr import build_detr
     from proscale.models.maskformer import build_maskformer
 
     cfg = get_preset(preset) if isinstance(preset, str) else copy.deepcopy(preset)
@@ -29,6 +31,10 @@ def build_model(preset: str | ModelConfig = "proscale_r50_333", num_classes: int
         cfg.num_classes = num_classes
     if overrides:
         apply_overrides(cfg, overrides)
+    if isinstance(cfg, DetrConfig):
+        return build_detr(cfg)
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"build_model needs a preset name, a ModelConfig or a DetrConfig, got {type(cfg).__name__}")
     return build_maskformer(cfg)
 
 

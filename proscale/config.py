@@ -29,16 +29,19 @@ class BackboneConfig:
 
 @dataclass
 class EncoderConfig:
-    """The deformable encoder. Mask2Former is plan (0, 0, 6), no TRC, conv output."""
+    """The deformable encoder. Mask2Former is plan (0, 0, 6), no TRC, conv output; Deformable
+    DETR is plan (0, 0, 0, 6) over its four levels."""
 
-    plan: tuple[int, int, int] = (0, 0, 6)  # layers per stage: (res5 only, +res4, +res3)
-    trc: bool = False  # Token Re-Calibration gates res5 and res4 before they join
+    # Layers per stage, one stage per level, coarse to fine: stage s adds level s. Mask2Former
+    # (3 levels): (res5 only, +res4, +res3); Deformable DETR (4 levels): strides (64, +32, +16, +8).
+    plan: tuple[int, ...] = (0, 0, 6)
+    trc: bool = False  # Token Re-Calibration gates every level but the finest before it joins
     trc_temperature: float = 1.0
     # "spatial" (as the paper describes), "official" (raw view, Linear score) or "official_conv"
     # (raw view, 1x1-conv score): docs/method.md, "Token Re-Calibration (TRC)"
     trc_layout: str = "spatial"
     residual: bool = False  # after each stage-1/2 layer, add back the gated input tokens present
-    output: str = "conv"  # stride-4 output block: "conv" (3x3 conv, Mask2Former) or "lpe"
+    output: str = "conv"  # Mask2Former's stride-4 output block: "conv" (3x3 conv) or "lpe"; unused by detection
     d_model: int = 256
     n_heads: int = 8
     n_points: int = 4
@@ -67,6 +70,43 @@ class ModelConfig:
     pixel_mean: tuple[float, float, float] = (123.675, 116.280, 103.530)  # RGB, 0-255
     pixel_std: tuple[float, float, float] = (58.395, 57.120, 57.375)
     size_divisibility: int = 32
+
+
+@dataclass
+class DetrDecoderConfig:
+    """Deformable DETR's decoder: self-attention among the queries, deformable cross-attention
+    into the encoder's L levels, FFN (docs/detection.md). Its width is the encoder's d_model."""
+
+    num_queries: int = 300  # in two-stage mode: the number of encoder proposals kept
+    layers: int = 6  # predictions: one per layer (the last is the output, the others aux)
+    n_heads: int = 8
+    n_points: int = 4  # sampling points per head and level in the cross-attention
+    ffn_dim: int = 1024
+    dropout: float = 0.1
+    # Iterative box refinement: each layer's box head refines the previous layer's boxes, which
+    # become the next layer's reference boxes; the per-layer heads are then not shared.
+    box_refine: bool = False
+    # Two-stage: every encoder token proposes a box; the top `num_queries` by class score seed
+    # the queries and their reference boxes (the encoder output is supervised too).
+    two_stage: bool = False
+
+
+@dataclass
+class DetrConfig:
+    """A Deformable-DETR detector with a baseline or PRO-SCALE encoder. Its levels, coarse to
+    fine, are an extra stride-64 map (a 3x3 stride-2 conv on res5) and res5, res4, res3
+    (strides 32, 16, 8): `encoder.plan` has one layer count per level. The plain encoder is
+    (0, 0, 0, 6); a longer plan adds more stride-2 convs (strides 128, ...)."""
+
+    num_classes: int = 80  # sigmoid classifier: no "no object" class
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig("resnet50", freeze_bn=True))
+    encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(plan=(0, 0, 0, 6), dropout=0.1))
+    decoder: DetrDecoderConfig = field(default_factory=DetrDecoderConfig)
+    # Keep the backbone's stem and first stage fixed (as Deformable DETR trains its ResNets).
+    freeze_stem: bool = True
+    pixel_mean: tuple[float, float, float] = (123.675, 116.280, 103.530)  # RGB, 0-255
+    pixel_std: tuple[float, float, float] = (58.395, 57.120, 57.375)
+    size_divisibility: int = 32  # padding is masked out, so this changes speed, not results
 
 
 @dataclass
@@ -152,6 +192,12 @@ class LossConfig:
     # (models/distill.py). "" = off.
     distill_from: str = ""
     distill_weight: float = 1.0
+    # Detection (Deformable DETR) only: class_weight weighs the sigmoid focal loss; the box
+    # losses are L1 on (cx, cy, w, h) and generalized IoU; the matcher uses the same weights.
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
 
 
 @dataclass
@@ -229,6 +275,13 @@ def from_dict(cls: type, data: dict) -> Any:
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def model_config_from_dict(data: dict) -> "ModelConfig | DetrConfig":
+    """A stored model config (a checkpoint's "config") as the dataclass of its family: a
+    DetrConfig (detection) is recognised by its detection-only fields, else a ModelConfig."""
+    detection_only = {f.name for f in dataclasses.fields(DetrConfig)} - {f.name for f in dataclasses.fields(ModelConfig)}
+    return from_dict(DetrConfig if detection_only & set(data) else ModelConfig, data)
 
 
 def _parse_scalar(text: str, kind: type) -> Any:

@@ -30,9 +30,12 @@ from proscale.checkpoints.loader import CheckpointInfo, load_model
 from proscale.data.metadata import Category, DatasetMetadata
 from proscale.distributed import resolve_device
 from proscale.models.batching import padded_shape
+from proscale.models.detr import DeformableDETR
+from proscale.models.detr.postprocess import detections
 from proscale.models.postprocess import InferenceConfig, postprocess
 
-TASK_KEYS = {"panoptic": "panoptic", "instance": "instances", "semantic": "sem_seg"}
+TASK_KEYS = {"panoptic": "panoptic", "instance": "instances", "semantic": "sem_seg", "detection": "detections"}
+SEGMENTATION_TASKS = ("panoptic", "instance", "semantic")
 
 
 def metadata_from_dict(data: dict | None, num_classes: int) -> DatasetMetadata:
@@ -109,16 +112,17 @@ def load_image(image: Any) -> torch.Tensor:
 
 class Predictor:
     """Runs a model on images, one at a time or in batches. `tasks` is any of "panoptic", "instance",
-    "semantic".
+    "semantic" for a segmentation model (default: panoptic), "detection" for a detector (its only
+    task and the default).
 
     checkpoint_or_model: a weights file `proscale.checkpoints.load_model` reads (a proscale
-    checkpoint also brings its categories and test settings) or a MaskFormer (its `.metadata`
-    when loaded from a file that has one; else pass `metadata`, or classes are named class_i and
-    all are things).
+    checkpoint also brings its categories and test settings) or a MaskFormer / DeformableDETR
+    (its `.metadata` when loaded from a file that has one; else pass `metadata`, or classes are
+    named class_i and all are things).
     """
 
     def __init__(self, checkpoint_or_model: str | os.PathLike | nn.Module, device: str | torch.device = "auto",
-                 tasks: tuple[str, ...] | list[str] | str = ("panoptic",), metadata: DatasetMetadata | None = None,
+                 tasks: tuple[str, ...] | list[str] | str | None = None, metadata: DatasetMetadata | None = None,
                  inference: InferenceConfig | None = None, min_size_test: int | None = None,
                  max_size_test: int | None = None):
         self.device = resolve_device(device)
@@ -132,10 +136,15 @@ class Predictor:
         self.metadata = metadata or settings.metadata
         self.min_size_test = settings.min_size_test if min_size_test is None else min_size_test
         self.max_size_test = settings.max_size_test if max_size_test is None else max_size_test
+        self.detector = isinstance(self.model, DeformableDETR)
+        if tasks is None:
+            tasks = ("detection",) if self.detector else ("panoptic",)
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
-        unknown = [t for t in tasks if t not in TASK_KEYS]
+        allowed = ("detection",) if self.detector else SEGMENTATION_TASKS
+        unknown = [t for t in tasks if t not in allowed]
         if unknown or not tasks:
-            raise ValueError(f"tasks must be among {', '.join(TASK_KEYS)}, got {tasks}")
+            kind = "a detector" if self.detector else "a segmentation model"
+            raise ValueError(f"tasks of {kind} must be among {', '.join(allowed)}, got {tasks}")
         self.tasks = tasks
         self.inference = dataclasses.replace(inference or settings.inference, panoptic_on="panoptic" in tasks,
                                              instance_on="instance" in tasks, semantic_on="semantic" in tasks)
@@ -153,7 +162,9 @@ class Predictor:
         """Results at the original image size (on the CPU), keys as the tasks ask:
         "panoptic": {"panoptic_seg": int32 (H, W), "segments_info": [{"id", "category_id", "isthing",
         "score", "area"}]}, "instances": {"masks": bool (N, H, W), "scores": (N,), "labels": (N,)},
-        "sem_seg": float (K, H, W). Category ids are contiguous indices into `self.metadata`.
+        "sem_seg": float (K, H, W); a detector's "detections": {"boxes": (N, 4) (x0, y0, x1, y1)
+        pixels, "scores": (N,), "labels": (N,)}, the top `test_topk_per_image` (query, class)
+        scores. Category ids are contiguous indices into `self.metadata`.
 
         image: one image (see `load_image`), or a list / tuple of them: then a list of results in
         the same order, run `batch_size` images per forward where their padded sizes allow."""
@@ -195,8 +206,13 @@ class Predictor:
     def _run(self, batch: list[tuple[int, torch.Tensor, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor, dict]]:
         """One forward for images of one padded size; post-processing crops each to its own size."""
         outputs = self.model([x.to(self.device) for _, _, x in batch])
-        meta = [{"height": int(o.shape[-2]), "width": int(o.shape[-1])} for _, o, _ in batch]
-        results = postprocess(outputs, meta, self.inference, self.metadata.thing_classes)
+        if self.detector:
+            sizes = [(int(o.shape[-2]), int(o.shape[-1])) for _, o, _ in batch]
+            results = [{"detections": {k: det[k] for k in ("boxes", "scores", "labels")}}
+                       for det in detections(outputs, sizes, self.inference.test_topk_per_image)]
+        else:
+            meta = [{"height": int(o.shape[-2]), "width": int(o.shape[-1])} for _, o, _ in batch]
+            results = postprocess(outputs, meta, self.inference, self.metadata.thing_classes)
         for (index, original, _), result in zip(batch, results):
             yield index, original, _to_cpu(result)
 

@@ -9,6 +9,8 @@ A preset is a function returning a fresh ModelConfig, registered under its own n
     cfg = get_preset("m2f_r50")      # a new ModelConfig on every call; the caller may change it
 
 Mask2Former and PRO-SCALE differ only in `encoder`: the layer plan, TRC and the output block.
+The model family follows from the config's type: ModelConfig builds Mask2Former (segmentation),
+DetrConfig builds Deformable DETR (detection; the `ddetr_*` presets, docs/detection.md).
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ import difflib
 import fnmatch
 from typing import Callable
 
-from proscale.config import BackboneConfig, DecoderConfig, EncoderConfig, ModelConfig
+from proscale.config import BackboneConfig, DecoderConfig, DetrConfig, DetrDecoderConfig, EncoderConfig, ModelConfig
 
-PresetBuilder = Callable[[], ModelConfig]
+PresetBuilder = Callable[[], "ModelConfig | DetrConfig"]
 
 # name -> builder. Filled only by `register_preset`, below in this file.
 PRESETS: dict[str, PresetBuilder] = {}
@@ -41,7 +43,7 @@ def list_presets(filter: str = "") -> list[str]:  # noqa: A002 - the name timm's
     return fnmatch.filter(names, filter) if filter else names
 
 
-def get_preset(name: str) -> ModelConfig:
+def get_preset(name: str) -> ModelConfig | DetrConfig:
     """A new ModelConfig built by preset `name`; an unknown name is a KeyError naming the
     closest registered ones."""
     if name not in PRESETS:
@@ -166,3 +168,84 @@ def proscale_nano_331_conv() -> ModelConfig:
     `proscale tradeoff` recommends on the quickstart's 128 px data, where LPE's max-pool costs mask
     boundary quality (docs/tradeoff.md); `proscale quickstart` trains it."""
     return _nano(proscale_encoder((3, 3, 1), layout="spatial", output="conv"))
+
+
+# ------------------------------------------------------------------------ detection (Deformable DETR)
+def _ddetr_r50(encoder: EncoderConfig, **decoder) -> DetrConfig:
+    """Deformable DETR R50 (COCO, 80 classes), frozen-BN ResNet-50 with its stem and res2 fixed:
+    train it from ImageNet weights (backbone.pretrained=true)."""
+    return DetrConfig(encoder=encoder, decoder=DetrDecoderConfig(**decoder))
+
+
+def proscale_detr_encoder(plan: tuple[int, ...]) -> EncoderConfig:
+    """PRO-SCALE over Deformable DETR's four levels (strides 64, 32, 16, 8): TRC in the spatial
+    layout (temperature 0.1), Deformable DETR's dropout; there is no stride-4 output block."""
+    return EncoderConfig(plan=plan, trc=True, trc_temperature=0.1, trc_layout="spatial", dropout=0.1)
+
+
+@register_preset
+def ddetr_r50() -> DetrConfig:
+    """Deformable DETR R50, single stage, no box refinement (plan (0, 0, 0, 6))."""
+    return _ddetr_r50(EncoderConfig(plan=(0, 0, 0, 6), dropout=0.1))
+
+
+@register_preset
+def ddetr_r50_twostage_refine() -> DetrConfig:
+    """Deformable DETR R50 with iterative box refinement and two-stage proposals."""
+    return _ddetr_r50(EncoderConfig(plan=(0, 0, 0, 6), dropout=0.1), box_refine=True, two_stage=True)
+
+
+@register_preset
+def proscale_ddetr_r50_2220() -> DetrConfig:
+    """PRO-SCALE Deformable DETR R50, plan (2, 2, 2, 0): six layers, the stride-8 tokens join only
+    the decoder's memory (TRC still scores them)."""
+    return _ddetr_r50(proscale_detr_encoder((2, 2, 2, 0)))
+
+
+@register_preset
+def proscale_ddetr_r50_1113() -> DetrConfig:
+    """PRO-SCALE Deformable DETR R50, plan (1, 1, 1, 3): six layers, three of them over all tokens."""
+    return _ddetr_r50(proscale_detr_encoder((1, 1, 1, 3)))
+
+
+@register_preset
+def proscale_ddetr_r50_2222() -> DetrConfig:
+    """PRO-SCALE Deformable DETR R50, plan (2, 2, 2, 2): eight layers, two over all tokens."""
+    return _ddetr_r50(proscale_detr_encoder((2, 2, 2, 2)))
+
+
+@register_preset
+def proscale_ddetr_r50_2222_twostage_refine() -> DetrConfig:
+    """As proscale_ddetr_r50_2222 with box refinement and two-stage proposals."""
+    return _ddetr_r50(proscale_detr_encoder((2, 2, 2, 2)), box_refine=True, two_stage=True)
+
+
+def _ddetr_nano(encoder: EncoderConfig) -> DetrConfig:
+    """A CPU-sized Deformable DETR for the built-in synthetic data: RegNetX-200MF trained from
+    scratch (so nothing of it is frozen), 64 channels, 4 heads, 3 decoder layers, 30 queries,
+    box refinement."""
+    return DetrConfig(
+        num_classes=8,
+        backbone=BackboneConfig("regnetx_002"),
+        encoder=dataclasses.replace(encoder, d_model=64, n_heads=4, ffn_dim=256, dropout=0.0),
+        decoder=DetrDecoderConfig(num_queries=30, layers=3, n_heads=4, ffn_dim=256, dropout=0.0, box_refine=True),
+        freeze_stem=False,
+    )
+
+
+@register_preset
+def ddetr_nano() -> DetrConfig:
+    """CPU preset: Deformable DETR, plain encoder (0, 0, 0, 6)."""
+    return _ddetr_nano(EncoderConfig(plan=(0, 0, 0, 6)))
+
+
+@register_preset
+def proscale_ddetr_nano_2222() -> DetrConfig:
+    """CPU preset: as ddetr_nano with the PRO-SCALE (2, 2, 2, 2) encoder."""
+    return _ddetr_nano(proscale_detr_encoder((2, 2, 2, 2)))
+
+
+@register_preset
+def proscale_ddetr_nano_1113() -> DetrConfig:
+    """CPU preset: as ddetr_nano with the PRO-SCALE (1, 1, 1, 3) encoder."""
+    return _ddetr_nano(proscale_detr_encoder((1, 1, 1, 3)))

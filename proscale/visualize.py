@@ -7,6 +7,7 @@ per-instance shade), outlined, and labelled with the category name (and score).
     draw_panoptic(image, out["panoptic"]["panoptic_seg"], out["panoptic"]["segments_info"], metadata)
     draw_instances(image, masks, labels, scores, metadata, score_threshold=0.5)
     draw_semantic(image, sem_seg, metadata)           # (K, H, W) scores or (H, W) labels
+    draw_boxes(image, boxes, labels, scores, metadata, score_threshold=0.3)   # detections, (x0, y0, x1, y1)
     draw_ground_truth(sample, metadata)               # a data set sample (image, masks, labels)
     plot_losses("runs/x/metrics.jsonl", "runs/x/loss.png")
 """
@@ -116,6 +117,25 @@ def draw_instances(image: Any, masks: Any, labels: Any, scores: Any | None, meta
         if show_labels:
             names[n] = f"{cat.name} {scores[i]:.2f}"
     return _compose(image, ids, colors, names, alpha)
+
+
+def draw_boxes(image: Any, boxes: Any, labels: Any, scores: Any | None, metadata,
+               score_threshold: float = 0.3, width: int = 2, show_labels: bool = True) -> np.ndarray:
+    """Detections above `score_threshold` as outlined boxes in their category colour, each labelled
+    "name score" (highest score drawn last, on top). boxes: (N, 4) (x0, y0, x1, y1) pixels."""
+    pil = Image.fromarray(to_rgb_array(image))
+    draw = ImageDraw.Draw(pil)
+    boxes, labels = _np(boxes).astype(np.float64).reshape(-1, 4), _np(labels).astype(np.int64)
+    scores = np.ones(len(labels)) if scores is None else _np(scores).astype(np.float64)
+    for n, i in enumerate(i for i in np.argsort(scores, kind="stable") if scores[i] >= score_threshold):
+        cat = metadata.categories[int(labels[i])]
+        color = tuple(int(c) for c in _shade(cat.color, n + 1))
+        x0, y0, x1, y1 = boxes[i]
+        draw.rectangle((x0, y0, max(x1 - 1, x0), max(y1 - 1, y0)), outline=color, width=width)
+        if show_labels:
+            draw.text((x0 + 2, y0 + 1), f"{cat.name} {scores[i]:.2f}", fill=(255, 255, 255), stroke_width=1,
+                      stroke_fill=(0, 0, 0))
+    return np.asarray(pil)
 
 
 def draw_semantic(image: Any, sem_seg: Any, metadata, alpha: float = 0.55, show_labels: bool = True,

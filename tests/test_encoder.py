@@ -181,9 +181,10 @@ def naive_proscale_encoder(sd, cfg, tokens, pos, shapes):
         t = [x[b].double() for x in tokens]
         p = [x[b].double() for x in pos]
         joined = list(t)
-        if cfg.trc:
-            joined[0] = naive_trc(sd, t[0], shapes[0], t[2], shapes[2], cfg.trc_layout, cfg.trc_temperature)
-            joined[1] = naive_trc(sd, t[1], shapes[1], t[2], shapes[2], cfg.trc_layout, cfg.trc_temperature)
+        n_levels = len(shapes)
+        if cfg.trc:  # every level but the finest, scored from the finest
+            for lv in range(n_levels - 1):
+                joined[lv] = naive_trc(sd, t[lv], shapes[lv], t[-1], shapes[-1], cfg.trc_layout, cfg.trc_temperature)
         x, i = None, 0
         for stage, n_layers in enumerate(cfg.plan):
             x = joined[0] if x is None else torch.cat((x, joined[stage]))
@@ -191,7 +192,7 @@ def naive_proscale_encoder(sd, cfg, tokens, pos, shapes):
             for _ in range(n_layers):
                 x = naive_layer(sd, i, x, torch.cat(p[:levels]), shapes[:levels], cfg)
                 i += 1
-                if cfg.residual and stage < 2:
+                if cfg.residual and stage < n_levels - 1:
                     x = x + torch.cat(joined[:levels])
         outputs.append(x)
     return torch.stack(outputs)
@@ -236,6 +237,77 @@ def test_encoder_equals_naive_reference(plan, layout):
     for change in (dict(residual=False), dict(trc_layout="spatial" if layout != "spatial" else "official")):
         other = EncoderConfig(**{**vars(cfg), **change})
         assert (naive_proscale_encoder(sd, other, tokens, pos, SHAPES) - expected).abs().max() > 1e-3
+
+
+SHAPES4 = ((1, 2), (2, 3), (4, 6), (8, 12))  # Deformable DETR's strides 64, 32, 16, 8 of a 64x96 input
+
+
+@pytest.mark.parametrize("plan", [(1, 1, 1, 1), (0, 2, 0, 2), (0, 0, 0, 3)])
+def test_four_level_encoder_equals_naive_reference(plan):
+    """The same stage logic with L = 4 levels (Deformable DETR): TRC scores the finest level and
+    gates the three coarser ones as they join; (0, 0, 0, 3) without TRC is the plain encoder."""
+    trc = plan != (0, 0, 0, 3)
+    cfg = EncoderConfig(plan=plan, trc=trc, trc_temperature=0.5, residual=trc, **NAIVE)
+    enc, sd = encoder_and_weights(cfg)
+    g = torch.Generator().manual_seed(5)
+    tokens = [torch.randn(2, h * w, cfg.d_model, generator=g) for h, w in SHAPES4]
+    pos = [torch.randn(2, h * w, cfg.d_model, generator=g) for h, w in SHAPES4]
+    assert enc.num_levels == 4 and enc.stage_levels() == [s + 1 for s, n in enumerate(plan) for _ in range(n)]
+    with torch.no_grad():
+        y = enc(tokens, pos, SHAPES4)
+    expected = naive_proscale_encoder(sd, cfg, tokens, pos, SHAPES4)
+    assert y.shape == (2, sum(h * w for h, w in SHAPES4), cfg.d_model)
+    assert (y.double() - expected).abs().max() <= 1e-5
+    if trc:  # the reference notices a TRC that skips a level
+        other = EncoderConfig(**{**vars(cfg), "trc": False})
+        assert (naive_proscale_encoder(sd, other, tokens, pos, SHAPES4) - expected).abs().max() > 1e-3
+
+
+def test_padding_mask_and_valid_ratios():
+    """Deformable DETR's inputs: with nothing padded (valid ratios 1) the encoder is unchanged;
+    reference points follow the valid part of each level; padded tokens are never read."""
+    from proscale.models.encoder import masked_reference_points
+
+    cfg = EncoderConfig(plan=(1, 1, 1, 1), trc=True, **SMALL)
+    enc, _ = encoder_and_weights(cfg, seed=2)
+    g = torch.Generator().manual_seed(7)
+    tokens = [torch.randn(2, h * w, cfg.d_model, generator=g) for h, w in SHAPES4]
+    pos = [torch.randn(2, h * w, cfg.d_model, generator=g) for h, w in SHAPES4]
+    n = sum(h * w for h, w in SHAPES4)
+    with torch.no_grad():
+        plain = enc(tokens, pos, SHAPES4)
+        same = enc(tokens, pos, SHAPES4, padding_mask=torch.zeros(2, n, dtype=torch.bool),
+                   valid_ratios=torch.ones(2, 4, 2))
+    assert (plain - same).abs().max() <= 1e-6
+    # Level 0 of shape (1, 2) and level 1 of (2, 3), the image covering (width, height) fractions
+    # (0.5, 1) and (2/3, 0.5): token (0, 0) of level 1 sits at ((0.5 / (2/3 * 3)), 0.5 / (0.5 * 2))
+    # in image coordinates, then scaled into each level's valid part.
+    ratios = torch.tensor([[[0.5, 1.0], [2 / 3, 0.5]]])
+    ref = masked_reference_points(((1, 2), (2, 3)), ratios)
+    assert ref.shape == (1, 2 + 6, 2, 2)
+    x, y = 0.5 / 2, 0.5 / 1
+    assert torch.allclose(ref[0, 2, 0], torch.tensor([x * 0.5, y * 1.0]))
+    assert torch.allclose(ref[0, 2, 1], torch.tensor([x * 2 / 3, y * 0.5]))
+    # Without TRC (which scores the whole finest map), what padded tokens hold never reaches the
+    # others: their values are zeroed wherever they would be sampled.
+    enc, _ = encoder_and_weights(EncoderConfig(plan=(1, 1, 1, 1), **SMALL), seed=3)
+    mask = torch.zeros(2, n, dtype=torch.bool)
+    mask[1, -10:] = True
+    changed = [t.clone() for t in tokens]
+    changed[-1][1, -10:] += 100.0
+    with torch.no_grad():
+        a = enc(tokens, pos, SHAPES4, padding_mask=mask, valid_ratios=torch.ones(2, 4, 2))
+        b = enc(changed, pos, SHAPES4, padding_mask=mask, valid_ratios=torch.ones(2, 4, 2))
+        c = enc(changed, pos, SHAPES4)  # without the mask they are read
+    assert (a[:, :-10] - b[:, :-10]).abs().max() <= 1e-5 and torch.equal(a[0], b[0])
+    assert (a[1, :-10] - c[1, :-10]).abs().max() > 1e-2
+
+
+def test_encoder_rejects_a_level_count_other_than_its_plan():
+    enc = DeformableEncoder(EncoderConfig(plan=(1, 1, 1, 1), **SMALL))
+    tokens, pos = encoder_inputs(SMALL["d_model"])  # three levels
+    with pytest.raises(ValueError, match="4 levels"):
+        enc(tokens, pos, SHAPES)
 
 
 def test_plan_006_without_trc_equals_naive_mask2former():
@@ -509,10 +581,16 @@ def test_residual_adds_the_gated_input_tokens():
     assert (y - z).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("plan", [(0, 0, 0), (1, -1, 1), (1, 1), (1, 1, 1, 1)])
+@pytest.mark.parametrize("plan", [(0, 0, 0), (1, -1, 1), (), (0, 0, 0, 0)])
 def test_plan_validation(plan):
     with pytest.raises(ValueError, match="plan"):
         DeformableEncoder(EncoderConfig(plan=plan, **SMALL))
+
+
+@pytest.mark.parametrize("plan", [(1, 1), (1, 1, 1, 1)])
+def test_pixel_decoder_needs_three_levels(plan):
+    with pytest.raises(ValueError, match="3 levels"):
+        build_pixel_decoder({"res2": 64, "res3": 128, "res4": 256, "res5": 512}, EncoderConfig(plan=plan, **SMALL), 32)
 
 
 def test_output_validation():

@@ -20,7 +20,7 @@ def synth(tmp_path_factory):
 
 
 def test_every_recipe_loads_and_sets_no_key_it_ignores():
-    assert {"coco", "ade20k", "small"} <= set(list_recipes())
+    assert {"coco", "ade20k", "small", "ddetr", "small_detection"} <= set(list_recipes())
     for name in list_recipes():
         cfg = recipe_config(name, "m2f_r50")
         assert cfg.recipe == name
@@ -29,8 +29,15 @@ def test_every_recipe_loads_and_sets_no_key_it_ignores():
 
 def test_every_preset_has_a_recipe():
     for preset in list_presets():
-        expected = "small" if ("_nano" in preset or "_tiny" in preset) else "coco"
+        small = "_nano" in preset or "_tiny" in preset
+        if "ddetr" in preset:
+            expected = "small_detection" if small else "ddetr"
+        else:
+            expected = "small" if small else "coco"
         assert default_recipe(preset) == expected, preset
+    assert load_recipe("small_detection")["solver"]["lr"] == 1e-3  # its own value
+    assert load_recipe("small_detection")["solver"]["warmup_iters"] == 50  # from its base, small
+    assert "base" not in load_recipe("small_detection")
 
 
 def test_coco_recipe_derives_mask2formers_values_at_1024_and_follows_the_size():

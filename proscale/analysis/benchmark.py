@@ -3,7 +3,9 @@
 Every number comes from the same process and machine: warm-up runs, then the median and the
 10th/90th percentiles of repeated runs. The pixel decoder is timed on fixed backbone features
 (computed once), the whole model on images. "train" is forward + backward (+ the real Mask2Former
-loss for the whole model).
+loss for the whole model). For a detector (a `ddetr_*` preset) the "encoder" rows time the input
+projections, the extra level and the encoder on fixed backbone features, and the whole-model
+training step uses Deformable DETR's set loss.
 """
 from __future__ import annotations
 
@@ -152,6 +154,47 @@ def component_fns(model, images: torch.Tensor, dtype: torch.dtype, device: torch
             "model/infer": model_infer, "model/train": model_train}
 
 
+def detector_fns(model, images: torch.Tensor, dtype: torch.dtype, device: torch.device) -> dict[str, Callable]:
+    """A DeformableDETR's measured callables: encoder / whole model x inference / training step."""
+    from proscale.models.detr.criterion import build_detr_criterion
+    from proscale.models.image_batch import padding_mask
+
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+    with torch.no_grad(), autocast():
+        x, sizes = model.preprocess(images)
+        feats = {k: v.detach() for k, v in model.backbone(x).items()}
+        pad = padding_mask(sizes, tuple(x.shape[-2:]), x.device)
+    criterion = build_detr_criterion(model.num_classes)
+    targets = _random_targets(images.shape[0], tuple(images.shape[-2:]), model.num_classes, device)
+
+    def encoder():
+        maps, masks = model.levels(feats, pad)
+        return model.forward_encoder(maps, masks)[0]
+
+    def enc_infer():
+        with torch.inference_mode(), autocast():
+            return encoder()
+
+    def enc_train():
+        with autocast():
+            loss = _surrogate_loss(encoder())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def model_infer():
+        with torch.inference_mode(), autocast():
+            return model(images)
+
+    def model_train():
+        with autocast():
+            loss = criterion.total_loss(criterion(model(images), targets))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return {"encoder/infer": enc_infer, "encoder/train": enc_train, "model/infer": model_infer,
+            "model/train": model_train}
+
+
 def run_benchmark(presets: list[str], size=(800, 1088), batch: int = 1, device: str = "cpu", dtype: str = "fp32",
                   modes=("infer", "train"), components=("pixel_decoder", "model"), warmup: int = 2,
                   repeats: int = 5, memory: bool = True, num_classes: int = 133, threads: int | None = None,
@@ -173,8 +216,11 @@ def run_benchmark(presets: list[str], size=(800, 1088), batch: int = 1, device: 
     for column, make in models:
         model = make().to(dev).train(False)
         report.columns.append(column)
-        fns = component_fns(model, images, DTYPES[dtype], dev)
+        detector = hasattr(model, "forward_encoder") and not hasattr(model, "pixel_decoder")
+        fns = (detector_fns if detector else component_fns)(model, images, DTYPES[dtype], dev)
         for row in wanted:
+            if detector:  # a detector's encoder part stands where Mask2Former's pixel decoder does
+                row = row.replace("pixel_decoder/", "encoder/")
             fn = fns.get(row)
             if fn is None:
                 continue
@@ -196,7 +242,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
-    p.add_argument("--component", choices=["pixel_decoder", "model", "both"], default="both")
+    p.add_argument("--component", choices=["pixel_decoder", "encoder", "model", "both"], default="both",
+                   help="pixel_decoder (Mask2Former) and encoder (a detector's) name the same rows")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -214,7 +261,8 @@ def _main(args) -> int:
     report = run_benchmark(
         presets, (h, w), args.batch, args.device, args.dtype,
         modes=("infer", "train") if args.mode == "both" else (args.mode,),
-        components=("pixel_decoder", "model") if args.component == "both" else (args.component,),
+        components=("pixel_decoder", "model") if args.component == "both"
+        else (args.component.replace("encoder", "pixel_decoder"),),
         warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory, num_classes=args.num_classes,
         threads=args.threads, peer=args.peer)
     print(report.table())

@@ -24,8 +24,13 @@ Any other operator is an "unsupported" hole: it counts 0 and is listed in
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 from collections import Counter, defaultdict
+
+import torch
+from torch import nn
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -224,3 +229,13 @@ class FlopCounter(TorchDispatchMode):
         else:
             self.unsupported[scope][str(func)] += 1
         return out
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose parameters and buffers live on the meta device (no data copied): what
+    the counters run, so counting allocates nothing and computes nothing."""
+    memo = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)

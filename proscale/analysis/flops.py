@@ -14,18 +14,19 @@ the count does not depend on which MSDA back end (fused gather, Triton) the mode
 from __future__ import annotations
 
 import argparse
-import copy
-import itertools
 import json
 import math
+import sys
 from collections import Counter, defaultdict
 
 import torch
 from torch import nn
 
 from proscale import build_model
-from proscale.analysis.flop_counter import FlopCounter, encoder_layer_flops_per_token
+from proscale.analysis.detr_flops import count_detr_flops, format_detr_table
+from proscale.analysis.flop_counter import FlopCounter, encoder_layer_flops_per_token, meta_copy
 from proscale.analysis.flop_report import LABELS, ORDER, FlopReport, component_totals, format_table
+from proscale.models.detr import DeformableDETR
 from proscale.models.ms_deform_attn import use_msda_backend
 
 # What other modules (the quickstart report, docs/flops.md) import from here.
@@ -55,13 +56,7 @@ def _model_info(model: nn.Module, padded: tuple[int, int]) -> dict:
     return info
 
 
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A deep copy whose parameters and buffers live on the meta device (no data copied)."""
-    memo = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
+_meta_copy = meta_copy  # the name earlier versions used here
 
 
 def _book_components(model: nn.Module, counter: FlopCounter):
@@ -193,6 +188,8 @@ def count_preset(preset: str, size: tuple[int, int] = (800, 1088), batch: int = 
     with torch.device("meta"):
         model = build_model(preset, num_classes=num_classes, overrides=overrides)
     label = name or (preset + ("[" + ",".join(overrides) + "]" if overrides else ""))
+    if isinstance(model, DeformableDETR):
+        return count_detr_flops(model, size, batch, name=label)
     return count_flops(model, size, batch, name=label)
 
 
@@ -217,7 +214,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--preset", default="proscale_r50_333")
     p.add_argument("--size", type=parse_size, default=(800, 1088), help="HxW input size (padded to /32)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--vs", default=None, help="a second preset, shown side by side with ratios (vs/preset)")
+    p.add_argument("--vs", default=None, action="append",
+                   help="another preset, shown side by side with ratios (vs/preset); repeatable for detectors")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for --preset, e.g. encoder.plan=1,1,1 (repeatable)")
     p.add_argument("--vs-set", dest="vs_overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -230,14 +228,24 @@ def add_parser(subparsers) -> None:
 def _main(args) -> int:
     first = count_preset(args.preset, args.size, args.batch, args.num_classes, args.overrides or None)
     reports = [first]
-    if args.vs:
-        reports.append(count_preset(args.vs, args.size, args.batch, args.num_classes, args.vs_overrides or None))
+    for other in args.vs or []:
+        reports.append(count_preset(other, args.size, args.batch, args.num_classes, args.vs_overrides or None))
+    detection = [r.model_info.get("family") == "detection" for r in reports]
+    if any(detection) and not all(detection):
+        print("error: --preset and --vs must be both segmentation or both detection presets", file=sys.stderr)
+        return 2
+    if len(reports) > 2 and not all(detection):
+        print("error: one --vs for segmentation presets", file=sys.stderr)
+        return 2
     if args.json:
         out: dict = {"reports": [r.to_dict() for r in reports]}
-        if len(reports) == 2:
-            a, b = reports
-            out["ratio"] = {k: (b.flops[k] / a.flops[k] if a.flops[k] else None) for k in ORDER}
+        if len(reports) >= 2:
+            a = reports[0]
+            out["ratio"] = {b.name: {k: (b.flops[k] / a.flops[k] if a.flops[k] else None) for k in a.flops}
+                            for b in reports[1:]}
+            if len(reports) == 2:  # the single-comparison form
+                out["ratio"] = out["ratio"][reports[1].name]
         print(json.dumps(out, indent=2))
     else:
-        print(format_table(reports))
+        print(format_detr_table(reports) if all(detection) else format_table(reports))
     return 0

@@ -8,6 +8,8 @@ proscale checkpoint (weights + model config) that `proscale eval/predict --check
     proscale convert m2f_r50.pt -o m2f_r50.pkl --to detectron2             # export to detectron2 names
     proscale convert runs/x/model_final.pt -o my_model/ --to pretrained     # config.json + model.safetensors
     proscale convert m2f_r50.pt -o m2f_r50_hf/ --to hf                     # transformers' Mask2Former folder
+    proscale convert r50_deformable_detr.pth -o ddetr.pt --preset ddetr_r50 --num-classes 91   # original Deformable DETR
+    proscale convert hf_deformable_detr/ -o ddetr.pt                       # transformers' Deformable DETR folder
 
 Without --preset the model config is the file's own (a proscale checkpoint's, a Hugging Face
 config.json), else read from the weights: backbone, layer plan, TRC, LPE or conv output, sizes
@@ -35,6 +37,7 @@ from proscale.checkpoints.loader import load_model
 from proscale.checkpoints.to_hf import save_hf_pretrained
 
 TARGETS = ("proscale", "detectron2", "pretrained", "hf")
+from proscale.config import DetrConfig
 
 
 def add_parser(subparsers) -> None:
@@ -47,7 +50,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-classes", type=int, help="number of classes (default: from the weights)")
     p.add_argument("--trc-layout", choices=["official", "official_conv", "spatial"],
                    help="TRC layout (default: official for detectron2 weights, else the preset's / stored one)")
-    p.add_argument("--source", choices=["auto", "proscale", "detectron2", "hf"], default="auto",
+    p.add_argument("--source", choices=["auto", "proscale", "detectron2", "hf", "deformable-detr"], default="auto",
                    help="naming of the input weights (default: detected)")
     p.add_argument("--to", choices=TARGETS, default="proscale",
                    help="output: a proscale checkpoint, detectron2 naming (Mask2Former / PRO-SCALE code), a "
@@ -59,6 +62,11 @@ def add_parser(subparsers) -> None:
 def _describe(cfg) -> str:
     e = cfg.encoder
     trc = f"TRC (temperature {e.trc_temperature}, {e.trc_layout} layout)" if e.trc else "no TRC"
+    if isinstance(cfg, DetrConfig):
+        d = cfg.decoder
+        return (f"Deformable DETR: backbone {cfg.backbone.name}, encoder plan {tuple(e.plan)} ({sum(e.plan)} layers, "
+                f"d_model {e.d_model}), {trc}, decoder {d.layers} layers x {d.num_queries} queries, box refine "
+                f"{d.box_refine}, two-stage {d.two_stage}, {cfg.num_classes} classes")
     return (f"backbone {cfg.backbone.name}, encoder plan {tuple(e.plan)} ({sum(e.plan)} layers, d_model {e.d_model}, "
             f"{e.n_heads} heads x {e.n_points} points), {trc}, output {e.output}, decoder {cfg.decoder.dec_layers} "
             f"layers x {cfg.decoder.num_queries} queries, {cfg.num_classes} classes")

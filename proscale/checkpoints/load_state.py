@@ -124,15 +124,18 @@ def _add_notes(model: nn.Module, report: LoadReport) -> None:
 def build_loaded_model(cfg, converted: Mapping[str, Any], source: str, ignored: Iterable[str] = (),
                        unmapped: Iterable[str] = (), strict: bool = True,
                        path: str | None = None) -> tuple[nn.Module, LoadReport]:
-    """(MaskFormer built from `cfg` carrying the converted weights, in eval mode on the CPU; LoadReport).
+    """(the model `cfg` describes, MaskFormer for a ModelConfig or DeformableDETR for a DetrConfig,
+    carrying the converted weights, in eval mode on the CPU; LoadReport).
     The arguments after `cfg` are those of `load_converted`."""
+    from proscale.config import DetrConfig
+    from proscale.models.detr import build_detr
     from proscale.models.maskformer import build_maskformer
 
     # Every weight comes from the file: never let timm fetch pretrained backbone weights for it
     # (the config keeps saying how the backbone was initialised for training).
     pretrained, cfg.backbone.pretrained = cfg.backbone.pretrained, ""
     try:
-        model = build_maskformer(cfg)
+        model = build_detr(cfg) if isinstance(cfg, DetrConfig) else build_maskformer(cfg)
     finally:
         cfg.backbone.pretrained = pretrained
     report = load_converted(model, converted, source, ignored, unmapped, strict=strict, path=path)

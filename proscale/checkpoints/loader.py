@@ -9,6 +9,8 @@
   a detectron2 Mask2Former .pkl, a PRO-SCALE release .pth            the keys (from_detectron2.infer_config)
   a transformers save_pretrained folder, or a .safetensors in one    its config.json (+ preprocessor_config.json),
                                                                     else the keys
+  Deformable DETR weights (transformers' folder, or an original      transformers' config.json; an original
+  fundamentalvision/Deformable-DETR .pth)                            checkpoint needs preset= (e.g. ddetr_r50)
 `preset=` (a name or a ModelConfig) replaces that config; then `num_classes=` and `overrides=`
 apply. The Predictor and `proscale eval / predict / convert / export` build their models with it.
 `from_pretrained(folder)` is `load_model` for folders, returning the model alone (as
@@ -28,13 +30,14 @@ import torch
 from torch import nn
 
 from proscale.checkpoints.errors import CheckpointError
+from proscale.checkpoints.from_ddetr import config_from_hf_detr, convert_ddetr_state_dict
 from proscale.checkpoints.from_detectron2 import from_detectron2_report, infer_config
 from proscale.checkpoints.from_hf import (class_metadata_from_hf, config_from_hf, map_hf_state_dict,
                                           read_hf_folder, read_hf_json)
 from proscale.checkpoints.load_state import LoadReport, build_loaded_model, load_converted
 from proscale.checkpoints.safe_load import safe_load
 from proscale.checkpoints.state_dict import SOURCES, detect_source, extract_state_dict
-from proscale.config import ModelConfig, apply_overrides, from_dict
+from proscale.config import DetrConfig, ModelConfig, apply_overrides, model_config_from_dict
 from proscale.distributed import resolve_device
 from proscale.models import pretrained as pretrained_format
 from proscale.presets import get_preset
@@ -45,12 +48,13 @@ RELEASE_TRC_LAYOUT = {"detectron2": "official"}
 CLASS_HEAD = "transformer_decoder.class_embed.weight"  # (num_classes + 1, hidden): the class count
 
 
-def convert_state_dict(state: Mapping[str, Any],
-                       source: str = "auto") -> tuple[dict[str, Any], str, list[str], list[str]]:
+def convert_state_dict(state: Mapping[str, Any], source: str = "auto",
+                       cfg: Any = None) -> tuple[dict[str, Any], str, list[str], list[str]]:
     """Any supported naming -> (proscale-named state, source, ignored keys, unmappable keys).
 
     detectron2 / HF values come back as tensors; proscale-named values pass through untouched
-    (`load_converted` turns numpy arrays into tensors).
+    (`load_converted` turns numpy arrays into tensors). Deformable DETR weights need the
+    DetrConfig of the model they go into (`cfg`): it says whether the heads are shared.
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
@@ -58,6 +62,12 @@ def convert_state_dict(state: Mapping[str, Any],
         source = detect_source(state)
     if source == "proscale":
         return dict(state), source, [], []
+    if source == "deformable-detr":
+        if not isinstance(cfg, DetrConfig):
+            raise CheckpointError("Deformable DETR weights go into a detector: pass preset= (e.g. ddetr_r50, "
+                                  "or --preset on the command line)")
+        converted, ignored, unmapped = convert_ddetr_state_dict(state, cfg)
+        return converted, source, ignored, unmapped
     if source == "detectron2":
         converted, ignored, unmapped = from_detectron2_report(state)
     else:
@@ -84,7 +94,7 @@ def load_checkpoint(model: nn.Module, path_or_state: str | os.PathLike | Mapping
     where = path or "checkpoint"
     state = extract_state_dict(obj, where)
     try:
-        converted, source, ignored, unmapped = convert_state_dict(state, source)
+        converted, source, ignored, unmapped = convert_state_dict(state, source, getattr(model, "cfg", None))
     except CheckpointError as e:
         raise CheckpointError(f"{where}: {e}") from None
     return load_converted(model, converted, source, ignored, unmapped, strict=strict, path=path)
@@ -95,7 +105,7 @@ class CheckpointInfo:
     """What `load_model` found besides the weights."""
 
     path: str
-    source: str  # the naming of the weights: "proscale", "detectron2" or "hf"
+    source: str  # the naming of the weights: "proscale", "detectron2", "hf" or "deformable-detr"
     config: ModelConfig  # what the model was built from (also `model.cfg`)
     report: LoadReport
     metadata: dict | None = None  # class metadata {"name", "categories": [{"id", "name", "isthing", ...}]}
@@ -121,7 +131,7 @@ def _stored_config(obj: Mapping[str, Any], where: str) -> ModelConfig | None:
     if dataclasses.is_dataclass(data):
         return data
     try:
-        return from_dict(ModelConfig, data)
+        return model_config_from_dict(data)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: stored config does not fit this proscale version: {e}") from None
 
@@ -197,6 +207,31 @@ def _model_config(weights: WeightsFile, converted: Mapping[str, Any], source: st
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def _ddetr_config(weights: _WeightsFile, path: Path, preset, num_classes: int | None,
+                  overrides: Iterable[str]) -> DetrConfig:
+    """The DetrConfig for Deformable DETR weights: `preset`, else transformers' config.json;
+    the class count from the class head unless `num_classes` says; then the overrides (before
+    converting: whether heads are shared depends on them)."""
+    if preset is not None:
+        cfg = get_preset(preset) if isinstance(preset, str) else copy.deepcopy(preset)
+        head = weights.state.get("class_embed.0.weight")
+        if head is not None:
+            cfg.num_classes = int(head.shape[0])
+    else:
+        if weights.hf_config is None and path.is_file():
+            weights.hf_config, weights.preprocessor = read_hf_json(path.parent)
+        if weights.hf_config is None:
+            raise CheckpointError("Deformable DETR weights without transformers' config.json: pass preset= "
+                                  "(e.g. ddetr_r50; --preset on the command line)")
+        cfg = config_from_hf_detr(weights.hf_config)
+    if not isinstance(cfg, DetrConfig):
+        raise CheckpointError(f"Deformable DETR weights need a detection preset, got {type(cfg).__name__}")
+    if num_classes is not None:
+        cfg.num_classes = num_classes
+    apply_overrides(cfg, list(overrides))
+    return cfg
+
+
 def load_model(path: str | os.PathLike, *, preset: str | ModelConfig | None = None, overrides: Iterable[str] = (),
                num_classes: int | None = None, device: str | torch.device = "cpu", strict: bool = True,
                source: str = "auto") -> tuple[nn.Module, CheckpointInfo]:
@@ -211,13 +246,19 @@ def load_model(path: str | os.PathLike, *, preset: str | ModelConfig | None = No
     path = Path(path)
     weights = read_weights(path)
     try:
-        converted, source, ignored, unmapped = convert_state_dict(weights.state, source)
+        if source == "deformable-detr" or (source == "auto" and detect_source(weights.state) == "deformable-detr"):
+            cfg = _ddetr_config(weights, path, preset, num_classes, overrides)
+            converted, source, ignored, unmapped = convert_state_dict(weights.state, "deformable-detr", cfg)
+        else:
+            converted, source, ignored, unmapped = convert_state_dict(weights.state, source)
+            cfg = None
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    cfg = _model_config(weights, converted, source, path, preset)
-    if num_classes is not None:
-        cfg.num_classes = num_classes
-    apply_overrides(cfg, list(overrides))
+    if cfg is None:
+        cfg = _model_config(weights, converted, source, path, preset)
+        if num_classes is not None:
+            cfg.num_classes = num_classes
+        apply_overrides(cfg, list(overrides))
     model, report = build_loaded_model(cfg, converted, source, ignored, unmapped, strict=strict, path=str(path))
     metadata = weights.metadata
     if metadata is None and weights.hf_config is not None:

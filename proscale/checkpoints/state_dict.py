@@ -4,7 +4,9 @@ Shared by the converters (from_detectron2, from_hf) and the loaders; it imports 
 so any of them may use it.
 
 Namings (`SOURCES`): "proscale" (our module names), "detectron2" (Mask2Former's model zoo and
-the authors' PRO-SCALE release) and "hf" (transformers' Mask2FormerForUniversalSegmentation).
+the authors' PRO-SCALE release), "hf" (transformers' Mask2FormerForUniversalSegmentation) and
+"deformable-detr" (transformers' DeformableDetrForObjectDetection and the original
+fundamentalvision/Deformable-DETR checkpoints; converted by checkpoints/from_ddetr.py).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 
 from proscale.checkpoints.errors import CheckpointError
 
-SOURCES = ("auto", "proscale", "detectron2", "hf")
+SOURCES = ("auto", "proscale", "detectron2", "hf", "deformable-detr")
 
 # Top-level module names of each naming; a key starting with one of them votes for that naming.
 PROSCALE_PREFIXES = ("backbone.body.", "pixel_decoder.", "transformer_decoder.")
@@ -23,6 +25,7 @@ DETECTRON2_PREFIXES = ("sem_seg_head.", "backbone.stem.", "backbone.res", "backb
                        "backbone.layers.", "stem.", "res2.")
 HF_PREFIXES = ("model.pixel_level_module.", "model.transformer_module.", "pixel_level_module.",
                "transformer_module.", "class_predictor.")
+DDETR_PREFIXES = ("transformer.encoder.", "transformer.decoder.", "model.encoder.layers.", "model.decoder.layers.")
 
 
 def as_tensor(value: Any, key: str) -> torch.Tensor:
@@ -61,13 +64,14 @@ def extract_state_dict(obj: Any, where: str = "checkpoint") -> dict[str, Any]:
 
 
 def detect_source(state: Mapping[str, Any]) -> str:
-    """"proscale", "detectron2" or "hf": the naming most keys of `state` use.
+    """"proscale", "detectron2", "hf" or "deformable-detr": the naming most keys of `state` use.
     Raises CheckpointError (showing the first keys) when no key matches any naming."""
     keys = list(state)
     score = {
         "proscale": sum(k.startswith(PROSCALE_PREFIXES) for k in keys),
         "detectron2": sum(k.startswith(DETECTRON2_PREFIXES) for k in keys),
         "hf": sum(k.startswith(HF_PREFIXES) for k in keys),
+        "deformable-detr": sum(k.startswith(DDETR_PREFIXES) for k in keys),
     }
     best = max(score, key=score.get)
     if score[best] == 0:

@@ -7,6 +7,9 @@ Tasks and their metrics (percent):
     panoptic  PQ, SQ, RQ (all / things / stuff) against the panoptic PNGs      (PanopticEvaluator)
     instance  COCO mask AP (instances json, or the thing segments of the panoptic ground truth)
     semantic  mIoU, fwIoU, mACC, pACC against label PNGs or the panoptic ground truth
+    detection COCO box AP (AP, AP50, AP75, APs, APm, APl) of a detector (a DetrConfig preset);
+              ground truth: the instances json's boxes, or the thing segments' boxes
+A detector is evaluated on "detection" only, a segmentation model on the other tasks.
 Predictions are made at the test size and scored at the original image size. A batch runs as
 groups of images that pad to the same size (proscale.models.batching), so --batch-size never
 changes the metrics. The throughput (images/s over the whole evaluation) is printed at the end.
@@ -28,11 +31,13 @@ from torch import nn
 
 from proscale import distributed as du
 from proscale.models.batching import group_by_padded_shape
+from proscale.models.detr import DeformableDETR
 from proscale.models.postprocess import InferenceConfig, postprocess
 
 logger = logging.getLogger("proscale.eval")
 
 TASKS = ("panoptic", "instance", "semantic")
+DETECTION = "detection"
 
 
 def tasks_from_config(test: InferenceConfig) -> tuple[str, ...]:
@@ -122,6 +127,12 @@ def evaluate(model: nn.Module, dataloader, metadata, tasks=TASKS, inference: Inf
     dict on every rank. The model is left in eval mode. `output_dir`: also write the panoptic
     predictions (predictions.json + PNGs, rank 0)."""
     inference = inference or InferenceConfig()
+    if isinstance(model, DeformableDETR):
+        return {DETECTION: evaluate_detection(model, dataloader, metadata, inference.test_topk_per_image, device,
+                                              amp_dtype)}
+    if DETECTION in tasks:
+        logger.warning("detection (box AP) needs a detector (a ddetr_* preset); this is a segmentation model")
+    tasks = tuple(t for t in tasks if t != DETECTION)
     evaluators = build_evaluators(metadata, tasks, output_dir)
     cfg = dataclasses.replace(inference, panoptic_on="panoptic" in evaluators, instance_on="instance" in evaluators,
                               semantic_on="semantic" in evaluators)
@@ -154,8 +165,33 @@ def evaluate(model: nn.Module, dataloader, metadata, tasks=TASKS, inference: Inf
     return {task: ev.evaluate() for task, ev in evaluators.items()}
 
 
+@torch.no_grad()
+def evaluate_detection(model: nn.Module, dataloader, metadata, topk: int = 100,
+                       device: torch.device | str | None = None, amp_dtype: torch.dtype | None = None) -> dict:
+    """COCO box AP (percent) of a detector over `dataloader`: {"AP", "AP50", "AP75", "APs",
+    "APm", "APl", "per_class", "num_images"}, the same on every rank. Boxes are the top
+    `topk` (query, class) scores per image, scaled to the original image size."""
+    from proscale.evaluation import InstanceEvaluator
+    from proscale.models.detr.postprocess import detections
+
+    if not ((metadata.instances_json or metadata.panoptic_json) and metadata.thing_classes):
+        raise ValueError(f"{metadata.name or 'data'}: no instances or panoptic ground truth for box AP")
+    evaluator = InstanceEvaluator(metadata, iou_type="bbox")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    for batch in dataloader:
+        images = [im.to(device) for im in batch["images"]]
+        with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float16, enabled=amp_dtype is not None):
+            outputs = model(images)
+        sizes = list(zip(batch["height"], batch["width"]))
+        for image_id, det in zip(batch["image_id"], detections(outputs, sizes, topk)):
+            evaluator.process_boxes(image_id, det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu())
+    return evaluator.evaluate()
+
+
 def summary_line(results: dict) -> str:
     keys = {"panoptic": ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"), "instance": ("AP", "AP50", "AP75"),
+            DETECTION: ("AP", "AP50", "AP75", "APs", "APm", "APl"),
             "semantic": ("mIoU", "pACC")}
     parts = []
     for task, res in results.items():
@@ -167,12 +203,13 @@ def summary_line(results: dict) -> str:
 
 # ------------------------------------------------------------------------------------- CLI
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval", help="evaluate a checkpoint (PQ, mask AP, mIoU)",
+    p = subparsers.add_parser("eval", help="evaluate a checkpoint (PQ, mask AP, mIoU; box AP of a detector)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a proscale checkpoint (e.g. OUT/model_final.pt)")
     p.add_argument("--data", required=True, metavar="SPEC", help="e.g. coco-panoptic:/data/coco")
     p.add_argument("--split", default="val")
-    p.add_argument("--task", action="append", choices=TASKS, help="repeat for several (default: all available)")
+    p.add_argument("--task", action="append", choices=TASKS + (DETECTION,),
+                   help="repeat for several (default: all available; a detector always gives detection)")
     p.add_argument("--device", default="auto")
     du.add_threads_argument(p)
     p.add_argument("--batch-size", type=int, default=1, help="images per forward, per process")

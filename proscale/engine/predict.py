@@ -11,6 +11,8 @@ For each image STEM, in --out:
     instance   STEM_instances.json (category_id, category_name, score, bbox [x, y, w, h],
                segmentation as COCO RLE), STEM_instance_overlay.png
     semantic   STEM_semantic.png (uint8 contiguous class index per pixel), STEM_semantic_overlay.png
+    detection  STEM_detections.json (category_id, category_name, score, bbox [x, y, w, h]),
+               STEM_detection_overlay.png (a detector's only task, and its default)
 A folder contributes its image files (by extension). An image that cannot be read is reported
 and skipped; the others are still written, and the exit status is then 1. --batch-size N puts up
 to N images that pad to the same size in one forward (results equal to one at a time; see
@@ -66,7 +68,7 @@ def write_results(predictor, image, result: dict, out: Path, stem: str, file_nam
     from proscale.evaluation import encode_masks
     from proscale.evaluation.common import id_to_rgb
     from proscale.fileio import atomic_write
-    from proscale.visualize import draw_instances, draw_panoptic, draw_semantic
+    from proscale.visualize import draw_boxes, draw_instances, draw_panoptic, draw_semantic
 
     md = predictor.metadata
     h, w = image.shape[:2]
@@ -100,6 +102,16 @@ def write_results(predictor, image, result: dict, out: Path, stem: str, file_nam
         put_json(f"{stem}_instances.json", {"file_name": file_name, "height": h, "width": w, "instances": items})
         put(f"{stem}_instance_overlay.png",
             _png_bytes(draw_instances(image, ins["masks"], ins["labels"], ins["scores"], md, score_threshold)))
+    if "detections" in result:
+        det = result["detections"]
+        items = [{"category_id": md.dataset_id(label), "category_name": md.class_names[label],
+                  "score": round(float(score), 5),
+                  "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)]}
+                 for (x0, y0, x1, y1), score, label in zip(det["boxes"].tolist(), det["scores"].tolist(),
+                                                           det["labels"].tolist())]
+        put_json(f"{stem}_detections.json", {"file_name": file_name, "height": h, "width": w, "detections": items})
+        put(f"{stem}_detection_overlay.png",
+            _png_bytes(draw_boxes(image, det["boxes"], det["labels"], det["scores"], md, score_threshold)))
     if "sem_seg" in result:
         labels = result["sem_seg"].argmax(0).numpy().astype(np.uint8)
         put(f"{stem}_semantic.png", _png_bytes(labels))
@@ -113,12 +125,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--task", action="append", choices=("panoptic", "instance", "semantic"),
-                   help="repeat for several (default: panoptic)")
+    p.add_argument("--task", action="append", choices=("panoptic", "instance", "semantic", "detection"),
+                   help="repeat for several (default: panoptic; detection for a detector)")
     p.add_argument("--device", default="auto")
     du.add_threads_argument(p)
     p.add_argument("--batch-size", type=int, default=1, help="images per forward (those of one padded size)")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="instances drawn in the overlay")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="instances / boxes drawn in the overlay")
     p.set_defaults(func=main)
     return p
 
@@ -134,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
-    predictor = Predictor(args.checkpoint, device=args.device, tasks=tuple(args.task or ("panoptic",)))
+    predictor = Predictor(args.checkpoint, device=args.device, tasks=tuple(args.task) if args.task else None)
     read: list[tuple[Path, str]] = []  # (file, output stem) of each image handed to the predictor
     stems: dict[str, int] = {}
 

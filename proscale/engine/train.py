@@ -45,7 +45,7 @@ import torch
 
 from proscale import distributed as du
 from proscale.checkpoints.io import CheckpointError
-from proscale.config import ModelConfig, TrainConfig, apply_overrides, from_dict, to_dict
+from proscale.config import DetrConfig, ModelConfig, TrainConfig, apply_overrides, from_dict, to_dict
 from proscale.engine import checkpointer
 from proscale.engine.checkpointer import plain
 from proscale.engine.evaluate import evaluation_tasks
@@ -64,7 +64,7 @@ __all__ = ["TrainConfig", "NonFiniteLossError", "RunFolderBusy", "train", "build
 
 
 # ---------------------------------------------------------------------------------- building
-def build_model_config(cfg: TrainConfig, num_classes: int) -> ModelConfig:
+def build_model_config(cfg: TrainConfig, num_classes: int) -> ModelConfig | DetrConfig:
     from proscale.presets import get_preset
 
     mcfg = get_preset(cfg.preset)
@@ -111,6 +111,8 @@ def build_trainer(cfg: TrainConfig, info: du.DistInfo) -> tuple[Trainer, object,
     from proscale.checkpoints.warm_start import warm_start
     from proscale.models.criterion import build_criterion
     from proscale.models.distill import FeatureTeacher
+    from proscale.models.detr import build_detr
+    from proscale.models.detr.criterion import build_detr_criterion
     from proscale.models.maskformer import build_maskformer
     from proscale.recipes import resolve_derived
 
@@ -125,7 +127,14 @@ def build_trainer(cfg: TrainConfig, info: du.DistInfo) -> tuple[Trainer, object,
     val_dataset = build_val_dataset(cfg)
     mcfg = build_model_config(cfg, metadata.num_classes)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_maskformer(mcfg).to(info.device)
+    # The model family follows from the preset's config type: a DetrConfig is a detector.
+    detection = isinstance(mcfg, DetrConfig)
+    if detection:
+        model = build_detr(mcfg).to(info.device)
+        criterion = build_detr_criterion(mcfg.num_classes, cfg.loss, metadata.thing_classes)
+    else:
+        model = build_maskformer(mcfg).to(info.device)
+        criterion = build_criterion(mcfg.num_classes, cfg.loss)
     if cfg.init:
         report = warm_start(model, cfg.init, class_names=[c.name for c in metadata.categories],
                             layer_map=cfg.init_layer_map)
@@ -133,15 +142,17 @@ def build_trainer(cfg: TrainConfig, info: du.DistInfo) -> tuple[Trainer, object,
             logger.info("%s", report.table())
     teacher = None
     if cfg.loss.distill_from:
+        if detection:
+            raise ValueError("loss.distill_from: feature distillation is for segmentation models (MaskFormer)")
         teacher = FeatureTeacher(load_model(cfg.loss.distill_from, device=info.device)[0])
         model.keep_features = True
     use_amp = cfg.solver.amp and info.device.type == "cuda"
     amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.solver.amp_dtype]
-    if use_amp:
+    if use_amp and not detection:
         keep_fp32(model.pixel_decoder)
     optimizer = build_optimizer(model, cfg.solver)
     trainer = Trainer(
-        cfg=cfg, info=info, model=model, criterion=build_criterion(mcfg.num_classes, cfg.loss).to(info.device),
+        cfg=cfg, info=info, model=model, criterion=criterion.to(info.device),
         optimizer=optimizer, scheduler=build_lr_scheduler(optimizer, cfg.solver, cfg.iterations),
         scaler=torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16),
         loader=build_dataloader(dataset, micro, train=True, num_workers=cfg.data.num_workers, seed=cfg.seed,
@@ -200,8 +211,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         hooks = [writer, NonFiniteGuard(cfg.max_nonfinite), StopOnSignal(cfg.stop_after),
                  PeriodicCheckpointer(cfg.checkpoint_period)]
         if val_loader is not None:
-            tasks, note = evaluation_tasks(cfg.test, val_metadata)
-            if note and info.is_main:
+            tasks, note = evaluation_tasks(cfg.test, val_metadata)  # a detector evaluates box AP whatever they are
+            if note and info.is_main and not isinstance(trainer.model.cfg, DetrConfig):
                 logger.warning("evaluation: %s", note)
             evaluator = PeriodicEvaluator(val_loader, val_metadata, tasks, log, cfg.eval_period)
             hooks.append(evaluator)

@@ -1,4 +1,5 @@
-"""COCO mask AP through pycocotools' COCOeval ("segm").
+"""COCO mask AP through pycocotools' COCOeval ("segm"), and box AP ("bbox", `iou_type="bbox"`,
+fed by `process_boxes`).
 
 Ground truth comes from an instances json (polygons or RLE, iscrowd respected) or is derived
 from COCO panoptic ground truth: every thing segment becomes an instance (RLE from the PNG,
@@ -63,7 +64,10 @@ class InstanceEvaluator:
     def __init__(self, metadata: Any = None, *, instances_json: str | os.PathLike | dict | None = None,
                  panoptic_json: str | os.PathLike | dict | None = None,
                  panoptic_png_dir: str | os.PathLike | None = None,
-                 categories: Iterable[Any] | None = None):
+                 categories: Iterable[Any] | None = None, iou_type: str = "segm"):
+        if iou_type not in ("segm", "bbox"):
+            raise ValueError(f"iou_type must be 'segm' (mask AP) or 'bbox' (box AP), got {iou_type!r}")
+        self.iou_type = iou_type
         if instances_json is None and panoptic_json is None:
             instances_json = metadata_value(metadata, "instances_json")
             panoptic_json = metadata_value(metadata, "panoptic_json")
@@ -123,6 +127,31 @@ class InstanceEvaluator:
         if self._from_panoptic:
             self._gts[image_id] = self._panoptic_gt(image_id)
 
+    def process_boxes(self, image_id: int, boxes: Any, scores: Any, labels: Any) -> None:
+        """Records one image's detections (box AP, iou_type="bbox").
+
+        Args:
+            image_id: the data set's image id.
+            boxes: (N, 4) (x0, y0, x1, y1) in pixels of the original image.
+            scores: (N,) confidences.
+            labels: int (N,) contiguous class indices; classes that are not things are dropped.
+        """
+        image_id = int(image_id)
+        if image_id not in self._images:
+            raise KeyError(f"image id {image_id} is not in the ground truth")
+        boxes = to_numpy(boxes, np.float64).reshape(-1, 4)
+        scores = to_numpy(scores, np.float64).reshape(-1)
+        labels = to_numpy(labels, np.int64).reshape(-1)
+        if not (len(boxes) == len(scores) == len(labels)):
+            raise ValueError(f"boxes {boxes.shape}, scores {scores.shape}, labels {labels.shape} disagree on N")
+        cat_ids = [self._contiguous_to_id[int(l)] for l in labels]
+        self._preds[image_id] = [
+            {"image_id": image_id, "category_id": cat_ids[i], "score": float(scores[i]),
+             "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]}
+            for i, (x0, y0, x1, y1) in enumerate(boxes) if cat_ids[i] in self._thing_ids]
+        if self._from_panoptic:
+            self._gts[image_id] = self._panoptic_gt(image_id)
+
     def _panoptic_gt(self, image_id: int) -> list[dict]:
         """Instances (RLE, iscrowd kept) of one image's thing segments."""
         ann = self._pan_anns[image_id]
@@ -168,11 +197,14 @@ class InstanceEvaluator:
         # COCOeval reads id 0 as "unmatched".
         dets = []
         for k, d in enumerate((d for i in img_ids for d in preds[i]), start=1):
-            dets.append(dict(d, id=k, iscrowd=0, area=float(mask_util.area(d["segmentation"])),
-                             bbox=mask_util.toBbox(d["segmentation"]).tolist()))
+            if "segmentation" in d:
+                dets.append(dict(d, id=k, iscrowd=0, area=float(mask_util.area(d["segmentation"])),
+                                 bbox=mask_util.toBbox(d["segmentation"]).tolist()))
+            else:  # a box detection (process_boxes)
+                dets.append(dict(d, id=k, iscrowd=0, area=d["bbox"][2] * d["bbox"][3]))
         coco_dt = _coco_from_dataset({"images": images, "categories": cats, "annotations": dets})
 
-        ev = COCOeval(coco_gt, coco_dt, "segm")
+        ev = COCOeval(coco_gt, coco_dt, self.iou_type)
         ev.params.imgIds = img_ids
         ev.params.catIds = [c["id"] for c in cats]
         with contextlib.redirect_stdout(io.StringIO()):

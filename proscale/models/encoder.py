@@ -1,17 +1,19 @@
-"""ONE deformable encoder for Mask2Former and PRO-SCALE, driven by a layer plan.
+"""ONE deformable encoder for Mask2Former, Deformable DETR and PRO-SCALE, driven by a layer plan.
 
-The tokens of the three scales are ordered coarse to fine: [res5, res4, res3].
-A plan (P1, P2, P3) runs
+The tokens of the L scales are ordered coarse to fine. For Mask2Former L = 3, [res5, res4, res3];
+for Deformable DETR L = 4, [stride 64, 32, 16, 8]. A plan (P1, ..., PL) adds one finer level per
+stage:
 
-    stage 1: P1 layers on  x = TRC(t5)                    (1 level)
-    stage 2: P2 layers on  x = concat(x, TRC(t4))         (2 levels)
-    stage 3: P3 layers on  x = concat(x, t3)              (3 levels)
+    stage 1: P1 layers on  x = TRC(t_1)                   (1 level, the coarsest)
+    stage s: Ps layers on  x = concat(x, TRC(t_s))        (s levels)
+    stage L: PL layers on  x = concat(x, t_L)             (all L levels; the finest is never gated)
 
 so early layers see only the coarse tokens (progressive token length scaling, Aich et al.,
-arXiv 2404.14657; docs/method.md, "PRO-SCALE: stages and the layer plan"). Mask2Former's
-encoder is the plan (0, 0, 6) without TRC: all tokens join before the first layer
-(docs/method.md, "Equivalence with Mask2Former"). Each layer has its own weights and samples
-only the levels that are already in the sequence.
+arXiv 2404.14657; docs/method.md, "PRO-SCALE: stages and the layer plan"). TRC scores the finest
+level's tokens and gates every coarser level as it joins. The plain encoder is the plan
+(0, ..., 0, 6) without TRC: all tokens join before the first layer (docs/method.md,
+"Equivalence with Mask2Former"). Each layer has its own weights and samples only the levels
+that are already in the sequence.
 """
 from __future__ import annotations
 
@@ -39,9 +41,10 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
-                spatial_shapes: SpatialShapes) -> torch.Tensor:
-        """x, pos: (B, N, C); reference_points: (1, N, L, 2) -> (B, N, C)."""
-        x = self.norm1(x + self.dropout1(self.self_attn(x + pos, reference_points, x, spatial_shapes)))
+                spatial_shapes: SpatialShapes, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x, pos: (B, N, C); reference_points: (1 or B, N, L, 2); padding_mask: (B, N) or None -> (B, N, C)."""
+        attn = self.self_attn(x + pos, reference_points, x, spatial_shapes, padding_mask)
+        x = self.norm1(x + self.dropout1(attn))
         x = self.norm2(x + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(x))))))
         return x
 
@@ -50,9 +53,10 @@ TRC_LAYOUTS = ("spatial", "official", "official_conv")
 
 
 class TokenRecalibration(nn.Module):
-    """TRC: gates coarse tokens with a score computed from the fine (res3) tokens.
+    """TRC: gates coarse tokens with a score computed from the finest level's tokens (res3 in
+    Mask2Former, stride 8 in Deformable DETR; "res3" below).
 
-    One score op shared by res5 and res4 (docs/method.md, "Token Re-Calibration (TRC)"). The
+    One score op shared by all coarser levels (docs/method.md, "Token Re-Calibration (TRC)"). The
     res3 tokens are resized bilinearly to the gated scale's map size, scored, and
     `sigmoid(temperature * score)` scales each token. The layouts differ in how the res3 tokens
     become a map and the resized map becomes one score per token:
@@ -95,7 +99,9 @@ class TokenRecalibration(nn.Module):
 
 
 def reference_points(spatial_shapes: SpatialShapes, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(1, N, L, 2) pixel centres ((j+0.5)/W_l, (i+0.5)/H_l) of every token, repeated over the L levels."""
+    """(1, N, L, 2) pixel centres ((j+0.5)/W_l, (i+0.5)/H_l) of every token, repeated over the L levels.
+
+    For padded batches see `masked_reference_points`."""
     points = []
     for h, w in spatial_shapes:
         y, x = torch.meshgrid(
@@ -108,24 +114,48 @@ def reference_points(spatial_shapes: SpatialShapes, device: torch.device, dtype:
     return ref.to(dtype).contiguous()
 
 
-class DeformableEncoder(nn.Module):
-    """Runs the layer plan over [res5, res4, res3] tokens.
+def masked_reference_points(spatial_shapes: SpatialShapes, valid_ratios: torch.Tensor) -> torch.Tensor:
+    """(B, N, L, 2) reference points of a padded batch, as Deformable DETR places them.
 
-    forward(tokens, pos, spatial_shapes):
-        tokens: [t5, t4, t3], each (B, H_l*W_l, C) input projections (no position added)
-        pos: [p5, p4, p3], each (B, H_l*W_l, C) position encoding + level embedding
-        spatial_shapes: ((H5, W5), (H4, W4), (H3, W3)) Python ints
-    returns (B, N5+N4+N3, C), coarse to fine.
+    valid_ratios: (B, L, 2), the (width, height) fraction of each level's map covered by the
+    image. A token's centre is normalised by its own level's valid size, then scaled into each
+    sampled level's valid part. With all ratios 1 this is `reference_points`.
     """
+    points = []
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        y, x = torch.meshgrid(
+            torch.arange(h, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+            torch.arange(w, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+            indexing="ij",
+        )
+        x = x.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * w)
+        y = y.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * h)
+        points.append(torch.stack((x, y), -1))
+    return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
 
-    num_levels = 3
+
+class DeformableEncoder(nn.Module):
+    """Runs the layer plan over L levels of tokens, coarse to fine (L = len(plan)).
+
+    forward(tokens, pos, spatial_shapes, padding_mask=None, valid_ratios=None):
+        tokens: L tensors (B, H_l*W_l, C), input projections (no position added), coarse to fine
+        pos: L tensors (B, H_l*W_l, C), position encoding + level embedding
+        spatial_shapes: ((H_1, W_1), ..., (H_L, W_L)) Python ints
+        padding_mask: optional (B, N_1+...+N_L) bool, True at tokens that lie on padding; their
+            values are never sampled (Deformable DETR's masking; Mask2Former passes None)
+        valid_ratios: optional (B, L, 2) (width, height) fraction of each map that is image;
+            places the reference points as Deformable DETR does (see masked_reference_points)
+    returns (B, N_1+...+N_L, C), coarse to fine.
+    """
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        if len(cfg.plan) != 3 or min(cfg.plan) < 0 or sum(cfg.plan) == 0:
-            raise ValueError(f"encoder plan must be three layer counts >= 0 with at least one layer, got {cfg.plan}")
+        if len(cfg.plan) < 1 or min(cfg.plan) < 0 or sum(cfg.plan) == 0:
+            raise ValueError(f"encoder plan must be layer counts >= 0 (one per level, coarse to fine) "
+                             f"with at least one layer, got {cfg.plan}")
         self.cfg = cfg
         self.plan = tuple(int(p) for p in cfg.plan)
+        self.num_levels = len(self.plan)
         # Layer i of stage s attends over s+1 levels; weights are never shared.
         self.layers = nn.ModuleList(
             EncoderLayer(cfg.d_model, stage + 1, cfg.n_heads, cfg.n_points, cfg.ffn_dim, cfg.dropout)
@@ -144,17 +174,25 @@ class DeformableEncoder(nn.Module):
         key = (spatial_shapes, like.device, like.dtype)
         return self._ref_cache.get(key, lambda: reference_points(spatial_shapes, like.device, like.dtype))
 
-    def forward(self, tokens: list[torch.Tensor], pos: list[torch.Tensor], spatial_shapes: SpatialShapes) -> torch.Tensor:
-        t5, t4, t3 = tokens
-        full_ref = self._reference_points(tuple(spatial_shapes), t3)
+    def forward(self, tokens: list[torch.Tensor], pos: list[torch.Tensor], spatial_shapes: SpatialShapes,
+                padding_mask: torch.Tensor | None = None, valid_ratios: torch.Tensor | None = None) -> torch.Tensor:
+        L = self.num_levels
+        if len(tokens) != L or len(pos) != L or len(spatial_shapes) != L:
+            raise ValueError(f"the encoder plan {self.plan} has {L} levels, got {len(tokens)} token maps, "
+                             f"{len(pos)} position maps and {len(spatial_shapes)} shapes")
+        finest = tokens[-1]
+        if valid_ratios is None:
+            full_ref = self._reference_points(tuple(spatial_shapes), finest)
+        else:
+            full_ref = masked_reference_points(tuple(spatial_shapes), valid_ratios.to(finest.dtype))
         counts = [h * w for h, w in spatial_shapes]
         x = None
-        joined = []  # each scale's tokens as they joined the sequence: TRC(t5), TRC(t4), t3
+        joined = []  # each scale's tokens as they joined the sequence: TRC(t_1), ..., TRC(t_L-1), t_L
         layers = iter(self.layers)
         for stage, n_layers in enumerate(self.plan):
             new = tokens[stage]
-            if self.trc is not None and stage < 2:
-                new = self.trc(new, spatial_shapes[stage], t3, spatial_shapes[2])
+            if self.trc is not None and stage < L - 1:
+                new = self.trc(new, spatial_shapes[stage], finest, spatial_shapes[-1])
             joined.append(new)
             x = new if x is None else torch.cat((x, new), dim=1)
             if n_layers == 0:
@@ -165,13 +203,14 @@ class DeformableEncoder(nn.Module):
             # Pixel centres do not depend on which levels are sampled: slice the full table.
             ref = full_ref[:, :n, :levels]
             p = torch.cat(pos[:levels], dim=1) if levels > 1 else pos[0]
+            extra = (padding_mask[:, :n],) if padding_mask is not None else ()
             # RESIDUAL adds back the gated input tokens of the scales present, not the stage's
-            # input sequence (whose res5 part is already the stage-1 output): docs/method.md, "RESIDUAL".
+            # input sequence (whose coarsest part is already the stage-1 output): docs/method.md, "RESIDUAL".
             residual = None
-            if self.cfg.residual and stage < 2:
+            if self.cfg.residual and stage < L - 1:
                 residual = torch.cat(joined, dim=1) if levels > 1 else joined[0]
             for _ in range(n_layers):
-                x = next(layers)(x, p, ref, shapes)
+                x = next(layers)(x, p, ref, shapes, *extra)
                 if residual is not None:
                     x = x + residual
         return x

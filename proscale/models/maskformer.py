@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from proscale.config import ModelConfig
 from proscale.models.backbone import build_backbone
+from proscale.models.image_batch import normalize_and_pad
 from proscale.models.pixel_decoder import build_pixel_decoder
 from proscale.models.pretrained import SavePretrainedMixin
 from proscale.models.transformer_decoder import build_transformer_decoder
@@ -43,19 +43,7 @@ class MaskFormer(SavePretrainedMixin, nn.Module):
 
     def preprocess(self, images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Normalise and pad -> ((B, 3, Hp, Wp) float, [(H_i, W_i)])."""
-        if isinstance(images, torch.Tensor):
-            if images.dim() != 4 or images.shape[1] != 3:
-                raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-            images = list(images)
-        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        div = self.size_divisibility
-        hp = -(-max(h for h, _ in sizes) // div) * div
-        wp = -(-max(w for _, w in sizes) // div) * div
-        batch = []
-        for im in images:
-            x = (im.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std
-            batch.append(F.pad(x, (0, wp - x.shape[-1], 0, hp - x.shape[-2])))
-        return torch.stack(batch), sizes
+        return normalize_and_pad(images, self.pixel_mean, self.pixel_std, self.size_divisibility)
 
     def forward_pixel_decoder(self, images) -> tuple[dict, list[tuple[int, int]], tuple[int, int]]:
         """({"mask_features": (B, mask_dim, Hp/4, Wp/4), "maps": [res5, res4, res3] (B, C, H_l, W_l)},

@@ -80,13 +80,19 @@ class MSDeformAttn(nn.Module):
         reference_points: torch.Tensor,
         value: torch.Tensor,
         spatial_shapes: SpatialShapes,
+        value_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             query: (B, Nq, C) queries with position encoding added.
-            reference_points: (B or 1, Nq, L, 2) as (x, y) in [0, 1].
+            reference_points: (B or 1, Nq, L, 2) as (x, y) in [0, 1]: offsets are in pixels of
+                each level; or (B or 1, Nq, L, 4) boxes (cx, cy, w, h) in [0, 1] (Deformable
+                DETR's decoder with box refinement / two-stage): offsets are in units of half
+                the box size divided by P.
             value: (B, S, C) tokens of the L levels, concatenated in `spatial_shapes` order.
             spatial_shapes: ((H_l, W_l), ...) of the L levels, Python ints.
+            value_padding_mask: optional (B, S) bool, True at tokens on padding: their projected
+                values are zeroed, so sampling near the image border does not read padding.
         Returns:
             (B, Nq, C)
         """
@@ -95,11 +101,18 @@ class MSDeformAttn(nn.Module):
         L, M, P = self.n_levels, self.n_heads, self.n_points
         if len(spatial_shapes) != L or sum(h * w for h, w in spatial_shapes) != S:
             raise ValueError(f"value has {S} tokens but spatial_shapes {spatial_shapes} describe another layout")
-        v = self.value_proj(value).view(B, S, M, self.d_model // M)
+        v = self.value_proj(value)
+        if value_padding_mask is not None:
+            v = v.masked_fill(value_padding_mask[..., None], 0.0)
+        v = v.view(B, S, M, self.d_model // M)
         offsets = self.sampling_offsets(query).view(B, Nq, M, L, P, 2)
         weights = self.attention_weights(query).view(B, Nq, M, L * P).softmax(-1).view(B, Nq, M, L, P)
-        scale = self.offset_scale(spatial_shapes, offsets)
-        locations = reference_points[:, :, None, :, None, :] + offsets * scale[None, None, None, :, None, :]
+        if reference_points.shape[-1] == 4:
+            ref = reference_points[:, :, None, :, None, :]
+            locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
+        else:
+            scale = self.offset_scale(spatial_shapes, offsets)
+            locations = reference_points[:, :, None, :, None, :] + offsets * scale[None, None, None, :, None, :]
         out = ms_deform_attn(v, spatial_shapes, locations, weights, backend=self.backend)
         return self.output_proj(out)
 

@@ -57,6 +57,9 @@ class PixelDecoder(nn.Module):
     def __init__(self, in_channels: dict[str, int], cfg: EncoderConfig, mask_dim: int = 256):
         super().__init__()
         d = cfg.d_model
+        if len(cfg.plan) != 3:
+            raise ValueError(f"Mask2Former's pixel decoder has 3 levels (res5, res4, res3): the encoder plan "
+                             f"needs 3 layer counts, got {tuple(cfg.plan)}")
         self.in_features = ("res5", "res4", "res3")  # coarse to fine, the token order
         self.input_proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(in_channels[name], d, 1), nn.GroupNorm(32, d)) for name in self.in_features

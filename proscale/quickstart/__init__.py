@@ -1,6 +1,7 @@
 """`proscale quickstart`: Mask2Former vs PRO-SCALE on built-in data, end to end, no download.
 
     proscale quickstart [--out runs/quickstart] [--seeds 2]
+    proscale quickstart --task detection     # Deformable DETR vs PRO-SCALE (detection.py)
 
 Stages (each one first checks what OUT already holds, so a re-run resumes instead of starting over):
   1. data      OUT/data: the synthetic panoptic set (train + val, fixed seed; COCO panoptic layout),
@@ -28,6 +29,7 @@ The files, lower floors first:
     stages.py        stages 1, 3, 5
     tables.py, figures.py    the report's numbers and images
     report.py        stage 6
+    detection.py, detection_report.py   the same stages for the detectors (--task detection)
     job.py           run_quickstart and the command
 """
 from proscale.quickstart.config import MODELS, QuickstartConfig

@@ -61,9 +61,10 @@ def smooth(values: list[float], window: int) -> np.ndarray:
     return np.convolve(padded, kernel, mode="valid")
 
 
-def plot_loss_curves(runs: dict[str, tuple[str, Path]], path: Path) -> Path:
+def plot_loss_curves(runs: dict[str, tuple[str, Path]], path: Path,
+                     terms: tuple[str, ...] = ("loss_ce", "loss_mask", "loss_dice")) -> Path:
     """runs: key -> (display name, metrics.jsonl). Left: total loss; right: the final layer's
-    class / mask / dice losses (solid: the first model, dashed: the second)."""
+    loss terms, by default class / mask / dice (solid: the first model, dashed: the second)."""
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     colors = ["tab:blue", "tab:orange", "tab:olive", "tab:gray"]
@@ -77,7 +78,7 @@ def plot_loss_curves(runs: dict[str, tuple[str, Path]], path: Path) -> Path:
         window = max(1, len(records) // 15)
         ax1.plot(it, [r["loss"] for r in records], color=colors[n], alpha=0.25, lw=1)
         ax1.plot(it, smooth([r["loss"] for r in records], window), color=colors[n], lw=2, label=name)
-        for m, term in enumerate(("loss_ce", "loss_mask", "loss_dice")):
+        for m, term in enumerate(terms):
             if all(term in r for r in records):
                 ax2.plot(it, smooth([r[term] for r in records], window), color=term_colors[m],
                          ls=styles[n % len(styles)], lw=1.8, label=f"{name}: {term[5:]}")

@@ -24,29 +24,30 @@ from proscale.recipes import load_recipe
 SECONDS_PER_ITERATION = 0.31
 
 
-def training_settings(cfg: QuickstartConfig) -> dict:
+def training_settings(cfg: QuickstartConfig, models=MODELS) -> dict:
     """What, besides the data, decides the trained weights."""
-    return {"recipe": dataclasses.asdict(cfg.recipe), "small.yaml": load_recipe("small"), "seeds": cfg.seed_list,
-            "extra_overrides": list(cfg.extra_overrides), "models": [list(m) for m in MODELS]}
+    return {"recipe": dataclasses.asdict(cfg.recipe), "recipe_yaml": load_recipe(cfg.recipe.recipe),
+            "seeds": cfg.seed_list, "extra_overrides": list(cfg.extra_overrides), "models": [list(m) for m in models]}
 
 
-def expected_minutes(cfg: QuickstartConfig, workers: int) -> float:
+def expected_minutes(cfg: QuickstartConfig, workers: int, models=MODELS,
+                     seconds_per_iteration: float = SECONDS_PER_ITERATION) -> float:
     """Training time on an idle CPU like the development machine's: jobs share `workers` cores."""
-    jobs = len(MODELS) * cfg.seeds
+    jobs = len(models) * cfg.seeds
     rounds = -(-jobs // max(1, workers))
     area = (cfg.image_size / 128) ** 2  # a step's cost grows about with the number of pixels
-    return rounds * cfg.recipe.iterations * SECONDS_PER_ITERATION * area / 60
+    return rounds * cfg.recipe.iterations * seconds_per_iteration * area / 60
 
 
-def stage_plan(cfg: QuickstartConfig) -> dict:
+def stage_plan(cfg: QuickstartConfig, models=MODELS) -> dict:
     """OUT/plan.json (see the module doc)."""
     path = Path(cfg.out) / "plan.json"
-    plan = {"data": data_params(cfg), "training": training_settings(cfg), "iterations": cfg.recipe.iterations,
+    plan = {"data": data_params(cfg), "training": training_settings(cfg, models), "iterations": cfg.recipe.iterations,
             "batch_size": cfg.recipe.batch_size, "seeds": cfg.seed_list}
     plan["id"] = hashlib.sha256(json.dumps([plan["data"], plan["training"]], sort_keys=True).encode()).hexdigest()[:16]
     if read_json(path) != plan:
         write_json(path, plan)
-    say(f"[2/6] plan: {len(MODELS)} models x {cfg.seeds} seeds, {cfg.recipe.iterations} iterations of batch "
+    say(f"[2/6] plan: {len(models)} models x {cfg.seeds} seeds, {cfg.recipe.iterations} iterations of batch "
         f"{cfg.recipe.batch_size} each (a fixed recipe: the same on every machine)")
     return plan
 

@@ -72,11 +72,11 @@ def stage_data(cfg: QuickstartConfig) -> Path:
 
 
 # --------------------------------------------------------------------- 3. training and evaluation
-def jobs(cfg: QuickstartConfig) -> list[Job]:
+def jobs(cfg: QuickstartConfig, models=MODELS) -> list[Job]:
     """One engine training + evaluation per model and seed: the same recipe for all of them."""
     stamp = json.dumps(data_params(cfg), sort_keys=True)  # the generated data are a function of these
     out = []
-    for key, _, preset in MODELS:
+    for key, _, preset in models:
         for seed in cfg.seed_list:
             tcfg = cfg.recipe.train_config(preset=preset, data=data_spec(cfg),
                                            output_dir=str(run_dir(cfg, key, seed)), seed=seed,
@@ -86,11 +86,11 @@ def jobs(cfg: QuickstartConfig) -> list[Job]:
     return out
 
 
-def stage_train(cfg: QuickstartConfig, plan: dict) -> dict[str, list[dict]]:
+def stage_train(cfg: QuickstartConfig, plan: dict, models=MODELS) -> dict[str, list[dict]]:
     """Trains and evaluates every (model, seed) run (proscale.tradeoff.runs: one single-threaded
     process per core; finished runs kept, interrupted ones resumed). Returns key -> the runs'
     results in seed order ({"seed", "status", "metrics", "train_seconds", ...})."""
-    todo = jobs(cfg)
+    todo = jobs(cfg, models)
     budget = cfg.budget_minutes * 60
     results = run_jobs(todo, cfg.workers, cfg.progress, say=lambda m: say(f"[3/6] {m}"), budget_s=budget)
     stopped = [r for r in results if r["status"] not in ("completed", "kept")]
@@ -98,7 +98,7 @@ def stage_train(cfg: QuickstartConfig, plan: dict) -> dict[str, list[dict]]:
         r = stopped[0]
         raise RuntimeError(f"training {r['variant']} seed {r['seed']} stopped ({r['status']}) at iteration "
                            f"{r['iteration']}; run the quickstart again to continue")
-    by_key: dict[str, list[dict]] = {key: [] for key, _, _ in MODELS}
+    by_key: dict[str, list[dict]] = {key: [] for key, _, _ in models}
     for job, result in zip(todo, results):
         by_key[job.variant].append(result)
     return by_key

@@ -1,8 +1,12 @@
 """Training recipes: YAML files of TrainConfig settings beside this file, one per kind of run.
 
-    coco     Mask2Former's COCO panoptic / instance recipe (the full-size presets)
-    ade20k   Mask2Former's ADE20K semantic recipe
-    small    from scratch on small images in minutes on a CPU (the nano / tiny presets)
+    coco             Mask2Former's COCO panoptic / instance recipe (the full-size presets)
+    ade20k           Mask2Former's ADE20K semantic recipe
+    small            from scratch on small images in minutes on a CPU (the nano / tiny presets)
+    ddetr            Deformable DETR's COCO detection recipe (ddetr_r50*, proscale_ddetr_r50*)
+    small_detection  `small` for the CPU-sized detectors (ddetr_nano*, proscale_ddetr_nano*)
+
+A recipe may start from another one (`base: small`) and change some of its settings.
 
 `proscale train --preset P` starts from `default_recipe(P)`; `--recipe NAME` picks another;
 `key=value` items change it. Settings left at -1 / 0 in a recipe follow the data when the run
@@ -15,8 +19,8 @@ from __future__ import annotations
 import fnmatch
 import statistics
 from dataclasses import dataclass
+from typing import ClassVar, Iterable
 from pathlib import Path
-from typing import Iterable
 
 import yaml
 
@@ -24,7 +28,8 @@ from proscale.config import TrainConfig, from_dict
 
 RECIPE_DIR = Path(__file__).parent
 # Presets -> their recipe (first match). The CPU-sized presets train from scratch in minutes.
-PRESET_RECIPES = (("*_nano*", "small"), ("*_tiny*", "small"), ("*", "coco"))
+PRESET_RECIPES = (("*ddetr_nano*", "small_detection"), ("*ddetr*", "ddetr"), ("*_nano*", "small"),
+                  ("*_tiny*", "small"), ("*", "coco"))
 MAX_POINTS = 12544  # Mask2Former's 112 x 112 points per mask
 
 
@@ -33,11 +38,21 @@ def list_recipes() -> list[str]:
 
 
 def load_recipe(name: str) -> dict:
-    """The recipe's settings (a partial TrainConfig dict); ValueError for an unknown name."""
+    """The recipe's settings (a partial TrainConfig dict, its `base` merged in); ValueError for an
+    unknown name."""
     path = RECIPE_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown recipe {name!r}: choose from {', '.join(list_recipes())}")
-    return yaml.safe_load(path.read_text()) or {}
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("base", None)
+    return _merge(load_recipe(base), data) if base else data
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
 
 
 def default_recipe(preset: str) -> str:
@@ -157,6 +172,7 @@ class SmallRecipe:
     """The `small` recipe as `proscale quickstart` and `proscale tradeoff` run it: every other
     value is small.yaml's, so the same command gives the same weights on any machine, however busy."""
 
+    recipe: ClassVar[str] = "small"
     iterations: int = 800
     batch_size: int = 4
     checkpoint_period: int | None = None  # None: the recipe's
@@ -165,7 +181,7 @@ class SmallRecipe:
                      model_overrides: tuple[str, ...] = (), device: str = "cpu", progress: bool = False,
                      stop_after: int = 0) -> TrainConfig:
         """The engine's TrainConfig of one run of `preset` on the data spec `data`."""
-        cfg = recipe_config("small", preset)
+        cfg = recipe_config(self.recipe, preset)
         cfg.model_overrides = tuple(model_overrides)
         cfg.output_dir, cfg.progress, cfg.seed, cfg.device, cfg.stop_after = output_dir, progress, seed, device, stop_after
         cfg.data.train, cfg.data.val = (data,), ""
@@ -175,3 +191,9 @@ class SmallRecipe:
             cfg.checkpoint_period = self.checkpoint_period
         return cfg
 
+
+@dataclass
+class DetectionRecipe(SmallRecipe):
+    """The `small_detection` recipe, as `proscale quickstart --task detection` runs it."""
+
+    recipe: ClassVar[str] = "small_detection"

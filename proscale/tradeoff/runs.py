@@ -132,11 +132,16 @@ def _run_job(job: Job) -> dict:
 
 def summary_metrics(results: dict) -> dict:
     """The numbers of an evaluation that the reports use (those it has): PQ, PQ_th, PQ_st and
-    its parts SQ (segmentation quality) and RQ (recognition quality); mask AP, AP50, AP75; mIoU."""
+    its parts SQ (segmentation quality) and RQ (recognition quality); mask AP, AP50, AP75; mIoU;
+    a detector's box AP as box_AP, box_AP50, box_AP75."""
     wanted = {"panoptic": ("PQ", "PQ_th", "PQ_st", "SQ", "RQ"), "instance": ("AP", "AP50", "AP75"),
               "semantic": ("mIoU",)}
-    return {key: float(results[task][key]) for task, keys in wanted.items() for key in keys
-            if (results.get(task) or {}).get(key) is not None}
+    out = {key: float(results[task][key]) for task, keys in wanted.items() for key in keys
+           if (results.get(task) or {}).get(key) is not None}
+    for key in ("AP", "AP50", "AP75"):
+        if (results.get("detection") or {}).get(key) is not None:
+            out[f"box_{key}"] = float(results["detection"][key])
+    return out
 
 
 def _worker_init() -> None:
