@@ -64,23 +64,38 @@ def segment_stats(dataset) -> SegmentStats | None:
         return None
     stats = SegmentStats()
     for rec in records:
-        image = rec.get("image") or {}
-        side = math.sqrt(max(1.0, float(image.get("height", 0) or 0) * float(image.get("width", 0) or 0)))
+        if not isinstance(rec, dict):
+            continue
+        image = rec.get("image") if isinstance(rec.get("image"), dict) else {}
+        h, w = _number(image.get("height")), _number(image.get("width"))
+        side = math.sqrt(h * w) if h and w and h > 0 and w > 0 else None
         if "annotation" in rec:
-            segments = (rec["annotation"] or {}).get("segments_info") or []
+            ann = rec["annotation"] if isinstance(rec["annotation"], dict) else {}
+            segments = ann.get("segments_info")
         elif "annotations" in rec:
-            segments = rec["annotations"] or []
+            segments = rec["annotations"]
         else:
             return None
-        segments = [s for s in segments if isinstance(s, dict) and not s.get("iscrowd")]
+        # A malformed record (the loader reports it) counts what it can.
+        segments = [s for s in segments if isinstance(s, dict) and not s.get("iscrowd")] \
+            if isinstance(segments, list) else []
         stats.counts.append(len(segments))
+        if side is None:
+            continue
         stats.image_sides.append(side)
-        for s in segments:
-            area = s.get("area")
-            if isinstance(area, (int, float)) and area > 0:
+        for seg in segments:
+            area = _number(seg.get("area"))
+            if area and area > 0:
                 stats.segment_sides.append(math.sqrt(area))
                 stats.segment_image_sides.append(side)
     return stats
+
+
+def _number(value) -> float | None:
+    """A finite int / float from an annotation field, else None (bools and junk included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def size_warnings(stats: SegmentStats, num_queries: int, train_size: int = 0) -> list[str]:

@@ -11,16 +11,29 @@ from proscale.data.stats import segment_stats, size_warnings
 from proscale.recipes import training_side
 
 
+def _gflops(model: nn.Module, size: tuple[int, int]) -> str:
+    """"total X, <encoder part> Y" at `size` (counted on a meta-device copy), or why not."""
+    from proscale.analysis.detr_flops import count_detr_flops
+    from proscale.analysis.flops import count_flops
+    from proscale.models.detr import DeformableDETR
+
+    detector = isinstance(model, DeformableDETR)
+    try:
+        g = (count_detr_flops if detector else count_flops)(model, size).gflops
+    except Exception as e:  # noqa: BLE001 - a summary line must never stop a training
+        return f"not counted ({type(e).__name__}: {e})"
+    part = "encoder" if detector else "pixel_decoder"
+    return f"total {g['total']:.2f}, {part.replace('_', ' ')} {g[part]:.2f}"
+
+
 def startup_summary(cfg: TrainConfig, model: nn.Module, dataset, val_dataset, metadata) -> tuple[str, list[str]]:
     """(the summary's text, its warnings)."""
-    from proscale.analysis.flops import count_flops
-
     mcfg = model.cfg
     stats = segment_stats(dataset)
     side = 0 if cfg.data.augmentation == "none" else int(training_side(cfg))  # 0: the images' own size
     flops_side = int(round(training_side(cfg, dataset)))
     size = (flops_side, flops_side)
-    report = count_flops(model, size)
+    gflops = _gflops(model, size)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     enc = mcfg.encoder
@@ -28,9 +41,9 @@ def startup_summary(cfg: TrainConfig, model: nn.Module, dataset, val_dataset, me
     lines = [
         f"model: {cfg.preset} | backbone {mcfg.backbone.name} | encoder plan {tuple(enc.plan)}"
         f"{' + TRC' if enc.trc else ''}, {enc.output} output | {mcfg.decoder.num_queries} queries, "
-        f"{mcfg.decoder.dec_layers} decoder layers",
+        f"{getattr(mcfg.decoder, 'dec_layers', getattr(mcfg.decoder, 'layers', '?'))} decoder layers",
         f"parameters: {params / 1e6:.2f} M ({trainable / 1e6:.2f} M trained) | GFLOPs at {size[0]}x{size[1]}: "
-        f"total {report.gflops['total']:.2f}, pixel decoder {report.gflops['pixel_decoder']:.2f}",
+        f"{gflops}",
         f"data: {', '.join(cfg.data.train)} [{cfg.data.train_split}]: {len(dataset)} images, "
         f"{metadata.num_classes} classes ({things} things, {metadata.num_classes - things} stuff)"
         + (f" | val {cfg.data.val} [{cfg.data.val_split}]: {len(val_dataset)} images" if val_dataset is not None

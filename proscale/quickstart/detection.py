@@ -18,13 +18,13 @@ import torch
 from proscale.analysis.benchmark import detector_fns
 from proscale.analysis.detr_flops import count_detr_flops
 from proscale.distributed import resolve_device
-from proscale.fileio import read_json, write_json
+from proscale.fileio import write_json
 from proscale.predictor import load_for_inference
 from proscale.quickstart.config import DET_MODELS, QuickstartConfig, run_dir
 from proscale.quickstart.console import progress_bar, say
 from proscale.quickstart.detection_report import write_detection_report
 from proscale.quickstart.plan import expected_minutes, loadavg, stage_plan
-from proscale.quickstart.stages import device_name, run_times, spread, stage_data, stage_train
+from proscale.quickstart.stages import device_name, run_times, spread, stage_data, stage_train, stored_measure
 from proscale.recipes import DetectionRecipe
 
 # Seconds per training iteration (128 px, batch 4, one thread, two trainings at once on the
@@ -50,12 +50,8 @@ def load_trained(cfg: QuickstartConfig, key: str):
 def stage_measure(cfg: QuickstartConfig, plan: dict) -> dict:
     """OUT/measure.json: GFLOPs per component and latency (one thread on CPU, the models
     interleaved) of both trained detectors at the training size and `latency_large_size`."""
-    path = Path(cfg.out) / "measure.json"
-    settings = {"warmup": cfg.latency_warmup, "repeats": cfg.latency_repeats, "rounds": cfg.latency_rounds,
-                "larger": cfg.latency_large_size, "device": cfg.device}
-    stored = read_json(path)
-    if stored and stored.get("plan_id") == plan["id"] and stored.get("settings") == settings:
-        say(f"[5/6] measure: {path} exists, kept")
+    path, settings, stored = stored_measure(cfg, plan)
+    if stored:
         return stored
     device = resolve_device(cfg.device)
     threads = torch.get_num_threads()

@@ -6,13 +6,12 @@ import datetime
 import math
 from pathlib import Path
 
-import numpy as np
 
 from proscale.fileio import atomic_write
 from proscale.models.detr.targets import mask_boxes
 from proscale.predictor import Predictor
 from proscale.quickstart.config import DET_MODELS, QuickstartConfig, run_dir, val_dataset
-from proscale.quickstart.figures import plot_loss_curves, side_by_side, titled, upscale
+from proscale.quickstart.figures import plot_loss_curves, save_overview, side_by_side, titled, upscale
 from proscale.quickstart.tables import difference, fmt, ratio
 from proscale.report_html import markdown_table, markdown_to_html, text_table
 from proscale.tradeoff.summary import Stat
@@ -81,10 +80,7 @@ def write_overlays(cfg: QuickstartConfig, out_dir: Path, count: int) -> list[Pat
         rows.append(row)
         paths.append(save_png(row, out_dir / f"val_{int(sample['image_id']):06d}.png"))
     if rows:
-        width = max(r.shape[1] for r in rows)
-        gap = np.full((6, width, 3), 255, np.uint8)
-        stacked = np.concatenate([x for n, r in enumerate(rows) for x in ([gap] if n else []) + [r]], axis=0)
-        paths.append(save_png(stacked, out_dir / "overview.png"))
+        paths.append(save_overview(rows, out_dir))
     return paths
 
 

@@ -197,8 +197,13 @@ def write_overlays(cfg: QuickstartConfig, models, out_dir: Path, count: int) -> 
         rows.append(row)
         paths.append(save_png(row, out_dir / f"val_{int(sample['image_id']):06d}.png"))
     if rows:
-        width = max(r.shape[1] for r in rows)
-        gap = np.full((6, width, 3), 255, np.uint8)
-        stacked = np.concatenate([x for n, r in enumerate(rows) for x in ([gap] if n else []) + [r]], axis=0)
-        paths.append(save_png(stacked, out_dir / "overview.png"))
+        paths.append(save_overview(rows, out_dir))
     return paths
+
+
+def save_overview(rows: list[np.ndarray], out_dir: Path) -> Path:
+    """OUT_DIR/overview.png: the overlay rows (H_i, W_i, 3) uint8 stacked with white gaps."""
+    width = max(r.shape[1] for r in rows)
+    gap = np.full((6, width, 3), 255, np.uint8)
+    stacked = np.concatenate([x for n, r in enumerate(rows) for x in ([gap] if n else []) + [r]], axis=0)
+    return save_png(stacked, out_dir / "overview.png")

@@ -110,6 +110,19 @@ def load_trained(cfg: QuickstartConfig, key: str) -> tuple[torch.nn.Module, Pred
 
 
 # --------------------------------------------------------------------------- 5. measurement
+def stored_measure(cfg: QuickstartConfig, plan: dict) -> tuple[Path, dict, dict | None]:
+    """(OUT/measure.json, the latency settings, its content when it was measured for this plan
+    with these settings, else None)."""
+    path = Path(cfg.out) / "measure.json"
+    settings = {"warmup": cfg.latency_warmup, "repeats": cfg.latency_repeats, "rounds": cfg.latency_rounds,
+                "larger": cfg.latency_large_size, "device": cfg.device}
+    stored = read_json(path)
+    if stored and stored.get("plan_id") == plan["id"] and stored.get("settings") == settings:
+        say(f"[5/6] measure: {path} exists, kept")
+        return path, settings, stored
+    return path, settings, None
+
+
 def stage_measure(cfg: QuickstartConfig, plan: dict) -> dict:
     """OUT/measure.json: GFLOPs per component and latency of both trained models, in this one
     process.
@@ -117,12 +130,8 @@ def stage_measure(cfg: QuickstartConfig, plan: dict) -> dict:
     At the training size (the table's numbers) and, when `latency_large_size` is set, at a larger
     input too: at 64 px there are only 84 tokens and fixed per-layer costs hide the savings that
     PRO-SCALE's FLOPs promise; a larger input shows where they go."""
-    path = Path(cfg.out) / "measure.json"
-    stored = read_json(path)
-    settings = {"warmup": cfg.latency_warmup, "repeats": cfg.latency_repeats, "rounds": cfg.latency_rounds,
-                "larger": cfg.latency_large_size, "device": cfg.device}
-    if stored and stored.get("plan_id") == plan["id"] and stored.get("settings") == settings:
-        say(f"[5/6] measure: {path} exists, kept")
+    path, settings, stored = stored_measure(cfg, plan)
+    if stored:
         return stored
     device = resolve_device(cfg.device)
     threads = torch.get_num_threads()
