@@ -75,6 +75,29 @@ def table(results: dict[str, list[dict]], iterations: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def findings(results: dict[str, list[dict]], iterations: dict[str, int], tolerance: float = 1.0) -> list[str]:
+    """What the table says, computed from it: which runs reach the target (mean PQ within
+    `tolerance` of the same seeds' Mask2Former), the best upgrade, and the training time it takes."""
+    base = {r["seed"]: r["metrics"]["PQ"] for r in results["m2f"]}
+    gaps = {name: Stat([r["metrics"]["PQ"] - base[r["seed"]] for r in runs])
+            for name, runs in results.items() if name != "m2f"}
+    minutes = {name: Stat([r.get("train_seconds", 0.0) / 60 for r in runs]).mean for name, runs in results.items()}
+    short = [n for n in gaps if iterations[n] < iterations["m2f"]]
+    met = [n for n in short if gaps[n].mean >= -tolerance]
+    lines = [f"Target (PQ within {tolerance:g} of Mask2Former after {iterations[short[0]] if short else '-'} of its "
+             f"{iterations['m2f']} iterations): " + (f"met by {', '.join(met)}" if met else "met by none")
+             + (f"; not by {', '.join(n for n in short if n not in met)}" if len(met) < len(short) else "") + "."]
+    lines.append(f"PRO-SCALE from scratch for the full schedule: PQ {gaps['scratch'].mean:+.1f} ± "
+                 f"{gaps['scratch'].sem:.1f} (se), {minutes['scratch']:.1f} training minutes; " + "; ".join(
+                     f"{n}: {gaps[n].mean:+.1f} ± {gaps[n].sem:.1f}, {minutes[n]:.1f} minutes" for n in short)
+                 + " (minutes: wall-clock on this machine, which vary with its load; the PQ values do not).")
+    warm = [n for n in short if n.startswith("warm")]
+    if warm:
+        best = max(warm, key=lambda n: (gaps[n].mean, -gaps[n].std))
+        lines.append(f"Best upgrade: {best} ({gaps[best].mean:+.1f} PQ, spread over seeds {gaps[best].std:.1f}).")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/quickstart", help="the quickstart's output folder (data, runs)")
@@ -95,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     for job, r in zip(ups, up_results):
         results.setdefault(job.variant, []).append(r)
         iterations[job.variant] = job.cfg.iterations
-    text = table(results, iterations)
+    text = table(results, iterations) + "\n\n" + "\n".join(f"- {line}" for line in findings(results, iterations))
     command = "python benchmarks/upgrade.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = (f"# Upgrading a trained Mask2Former to PRO-SCALE\n\n`{command}`\n\n"
               f"{len(cfg.seed_list)} seeds ({cfg.seed_list}); mean ± std over seeds; PQ gap to the same "
