@@ -242,8 +242,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
-    p.add_argument("--component", choices=["pixel_decoder", "encoder", "model", "both"], default="both",
-                   help="pixel_decoder (Mask2Former) and encoder (a detector's) name the same rows")
+    p.add_argument("--component", choices=["pixel_decoder", "encoder", "model", "both", "none"], default="both",
+                   help="pixel_decoder (Mask2Former) and encoder (a detector's) name the same rows; none: only "
+                        "the sections asked for below (--profile ...)")
+    p.add_argument("--profile", action="store_true",
+                   help="also time every component (input projections, each encoder stage, TRC, FPN, mask "
+                        "features, backbone, transformer decoder) beside its GFLOPs, models in turns "
+                        "(proscale/analysis/profile.py)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -255,9 +260,33 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=_main)
 
 
+def run_profile(presets: list[str], size=(800, 1088), batch: int = 1, device: str = "cpu", dtype: str = "fp32",
+                warmup: int = 1, repeats: int = 5, num_classes: int = 133, threads: int | None = None):
+    """The per-component profile (analysis/profile.py) of `presets`, timed in turns."""
+    import proscale
+    from proscale.analysis.profile import profile_models
+
+    dev = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=dev).float()
+    models = {name: proscale.build_model(name, num_classes=num_classes).to(dev).train(False) for name in presets}
+    return profile_models(models, images, DTYPES[dtype], warmup=warmup, repeats=repeats)
+
+
 def _main(args) -> int:
     h, w = (int(v) for v in args.size.lower().split("x"))
     presets = [args.preset] + ([args.vs] if args.vs else [])
+    out: dict = {}
+    if args.profile:
+        profile = run_profile(presets, (h, w), args.batch, args.device, args.dtype, max(1, args.warmup),
+                              args.repeats, args.num_classes, args.threads)
+        print(profile.table())
+        out["profile"] = profile.to_dict()
+    if args.component == "none":
+        _write_json(args.json, out)
+        return 0
     report = run_benchmark(
         presets, (h, w), args.batch, args.device, args.dtype,
         modes=("infer", "train") if args.mode == "both" else (args.mode,),
@@ -266,7 +295,11 @@ def _main(args) -> int:
         warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory, num_classes=args.num_classes,
         threads=args.threads, peer=args.peer)
     print(report.table())
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(report.to_json())
+    _write_json(args.json, {**asdict(report), **out})  # the bench report's keys at the top, as before
     return 0
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
