@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -19,8 +20,7 @@ from typing import Callable
 import torch
 
 from proscale.analysis.memory import peak_memory_bytes
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from proscale.precision import DTYPES, PrecisionError, resolve_dtype
 
 
 @dataclass
@@ -277,6 +277,11 @@ def run_profile(presets: list[str], size=(800, 1088), batch: int = 1, device: st
 
 def _main(args) -> int:
     h, w = (int(v) for v in args.size.lower().split("x"))
+    try:
+        resolve_dtype(args.dtype, args.device)
+    except PrecisionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     presets = [args.preset] + ([args.vs] if args.vs else [])
     out: dict = {}
     if args.profile:
