@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from proscale import cpu_policy
 
     cpu_policy.configure()
+    cpu_policy.configure_malloc()
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
