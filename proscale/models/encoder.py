@@ -45,7 +45,9 @@ class EncoderLayer(nn.Module):
         """x, pos: (B, N, C); reference_points: (1 or B, N, L, 2); padding_mask: (B, N) or None -> (B, N, C)."""
         attn = self.self_attn(x + pos, reference_points, x, spatial_shapes, padding_mask)
         x = self.norm1(x + self.dropout1(attn))
-        x = self.norm2(x + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(x))))))
+        # In-place ReLU: the (N, ffn_dim) activation is the largest tensor of the layer, and
+        # linear1's backward does not need its output.
+        x = self.norm2(x + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(x), inplace=True)))))
         return x
 
 

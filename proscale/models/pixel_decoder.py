@@ -28,7 +28,7 @@ class ConvNorm(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(super().forward(x))
-        return F.relu(x) if self.relu else x
+        return F.relu(x, inplace=True) if self.relu else x
 
 
 class LightPixelEmbedding(nn.Module):
@@ -42,7 +42,7 @@ class LightPixelEmbedding(nn.Module):
         self.norm = nn.GroupNorm(32, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.norm(self.pool(x)))
+        return F.relu(self.norm(self.pool(x)), inplace=True)  # GroupNorm's backward needs no output
 
 
 class PixelDecoder(nn.Module):
