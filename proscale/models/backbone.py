@@ -108,6 +108,10 @@ class TimmBackbone(nn.Module):
         self.names = NAMES
         # Swin / ConvNeXt-style timm models may return channels-last maps.
         self.channels_last = getattr(body, "output_fmt", "NCHW") == "NHWC"
+        # A convolutional body (ResNet) runs its inference in channels-last: oneDNN's convolutions
+        # are faster so on CPU (R50 at 800x1088, 2 threads: 1115 -> 851 ms fp32, 837 -> 589 ms
+        # bf16; docs/speed.md). Training keeps the default layout (see PixelDecoder.forward_fpn).
+        self.convolutional = not swin and not self.channels_last
         self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels) if out_norms else None
         if freeze_bn:
             timm.layers.freeze_batch_norm_2d(self.body)
@@ -121,6 +125,8 @@ class TimmBackbone(nn.Module):
         return dict(zip(self.names, self.channels))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.convolutional and not torch.is_grad_enabled() and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.body(x)
         if self.out_norms is not None:  # LayerNorm over channels: on (B, H, W, C) maps
             feats = [f if self.channels_last else f.permute(0, 2, 3, 1) for f in feats]

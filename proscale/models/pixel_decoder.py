@@ -91,7 +91,8 @@ class PixelDecoder(nn.Module):
             pos.append(p)
         y = self.encoder(tokens, pos, tuple(shapes))
         maps = y.split([h * w for h, w in shapes], dim=1)
-        return [m.transpose(1, 2).reshape(B, -1, h, w) for m, (h, w) in zip(maps, shapes)]
+        # (B, h*w, C) tokens seen as (B, C, h, w) maps without a copy: channels-last strides.
+        return [m.unflatten(1, (h, w)).permute(0, 3, 1, 2) for m, (h, w) in zip(maps, shapes)]
 
     def forward_fpn(self, res2: torch.Tensor, res3_out: torch.Tensor) -> torch.Tensor:
         """Stride-4 map: lateral(res2) + upsampled res3 output, then the 3x3 conv or LPE, then mask features."""
