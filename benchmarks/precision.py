@@ -5,7 +5,7 @@ Speed: one preset (random weights) on a random image, whole-model inference; the
 turns round by round (a machine that gets busier shifts all alike); medians. Accuracy: PQ of a
 checkpoint on a data split, evaluated once per variant by proscale.engine.evaluate.
 
-    python benchmarks/precision.py --preset proscale_r50_333 --size 800x1088 --threads 2 --repeats 5
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/precision.py --preset proscale_r50_333 --size 800x1088 --threads 2
     python benchmarks/precision.py --speed-only ...
     python benchmarks/precision.py --checkpoint runs/quickstart/runs/proscale/seed0/model_final.pt \\
         --data synthetic:runs/quickstart/data --accuracy-only
@@ -103,6 +103,9 @@ def main() -> None:
     p.add_argument("--speed-only", action="store_true")
     p.add_argument("--accuracy-only", action="store_true")
     args = p.parse_args()
+    from proscale import cpu_policy
+
+    cpu_policy.keep_freed_memory()  # as the proscale command does (run with OMP_WAIT_POLICY=PASSIVE for its other half)
     torch.set_num_threads(args.threads)
     variants = tuple(args.variants.split(","))
     for v in variants:
