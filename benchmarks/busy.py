@@ -1,5 +1,6 @@
 """A shared CPU: how much a nano training step slows when other jobs run at once, with torch's
-OpenMP defaults and with proscale's policy (OMP_WAIT_POLICY=PASSIVE, proscale/cpu_policy.py).
+OpenMP defaults and with other wait policies (proscale's command: GOMP_SPINCOUNT=1000,
+proscale/cpu_policy.py).
 
 Each job is a fresh process running training steps (forward + backward + Mask2Former loss) of
 a nano preset on random images, for `--seconds` (at least `--min-steps` steps); it reports its
@@ -9,7 +10,7 @@ The slowdown is (median step time with J jobs) / (alone): a machine shared fairl
 
     python benchmarks/busy.py                                 # proscale_nano_333, 2 threads per job, 2 jobs
     python benchmarks/busy.py --jobs 3 --threads 2 --seconds 30
-    python benchmarks/busy.py --policies torch,passive,passive-1t   # passive-1t: PASSIVE and 1 thread per job
+    python benchmarks/busy.py --policies torch,spin1k,spin10k,passive,passive-1t   # NAME-1t: 1 thread per job
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ import time
 
 POLICIES = {
     "torch": {},  # torch's defaults (libgomp spins before sleeping)
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # proscale's default for its command
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # sleep at once
+    "spin10k": {"GOMP_SPINCOUNT": "10000"},
+    "spin1k": {"GOMP_SPINCOUNT": "1000"},  # spin briefly, then sleep: proscale's default for its command
 }
 
 
@@ -77,7 +80,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--seconds", type=float, default=15.0, help="how long each job runs steps")
     p.add_argument("--min-steps", type=int, default=5)
-    p.add_argument("--policies", default="torch,passive",
+    p.add_argument("--policies", default="torch,spin1k,passive",
                    help="among torch, passive, and NAME-1t / NAME-2t (the policy with that many threads per job)")
     args = p.parse_args()
     if args.child:

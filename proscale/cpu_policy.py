@@ -1,14 +1,18 @@
 """CPU runtime settings the `proscale` command applies before torch loads: the OpenMP wait
-policy (shared machines) and glibc's malloc keeping freed memory (page faults).
+(shared machines) and glibc's malloc keeping freed memory (page faults).
 
 torch's OpenMP threads (GNU libgomp in the pip wheels) busy-wait ("spin") at the end of every
 parallel region before they sleep. Alone on a machine that is the fastest policy. On a machine
 that other jobs also use, a thread spins on a core whose owner is descheduled, the region ends
 only when every thread has had its turn, and a process slows far beyond its share: with three
 trainings on 2 cores a nano training step went from ~0.3 s to 12-16 s, 40x rather than 3x.
-With `OMP_WAIT_POLICY=PASSIVE` an idle thread sleeps at once and gives the core back, so a busy
-machine slows each job in proportion to the load (benchmarks/busy.py measures both; the numbers
-are in docs/speed.md).
+With `GOMP_SPINCOUNT=1000` an idle thread spins only briefly (libgomp's own count when it
+knows it has more threads than cores) and then sleeps, giving the core back, so a busy machine
+slows each job in proportion to the load, while a job alone keeps nearly all of the spinning's
+speed. `OMP_WAIT_POLICY=PASSIVE` (sleep at once) is as fair but slower alone: small operators
+pay a wake-up each (benchmarks/busy.py, 2-core machine: a nano training step alone 0.18 s with
+torch's defaults, 0.19 s with spin 1000, 0.31 s passive; two jobs at once 3.9x, 2.2x and 0.8x
+their time alone; docs/speed.md).
 
 libgomp reads its environment once, when it is loaded (at `import torch`): `configure()` has to
 run before that, so the command calls it first thing (proscale/cli.py) and a library user sets
@@ -33,7 +37,8 @@ import os
 import sys
 from collections.abc import MutableMapping
 
-POLICY_ENV = "PROSCALE_OMP_POLICY"  # "passive" (the command's default) or "torch" (leave torch's defaults)
+POLICY_ENV = "PROSCALE_OMP_POLICY"  # "spin1k" (the command's default) or "torch" (leave torch's defaults)
+SPINCOUNT = "1000"
 USER_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 MALLOC_ENV = "PROSCALE_MALLOC"  # "keep" (the command's default) or "default" (glibc's own thresholds)
 # glibc mallopt parameters (malloc.h)
@@ -68,15 +73,16 @@ def configure_malloc(environ: MutableMapping[str, str] | None = None) -> str:
 
 
 def configure(environ: MutableMapping[str, str] | None = None, torch_loaded: bool | None = None) -> str:
-    """Sets OMP_WAIT_POLICY=PASSIVE in `environ` (default os.environ) unless the user chose a wait
-    policy or PROSCALE_OMP_POLICY=torch. Returns what happened, in words: "set PASSIVE", "kept
-    user setting ...", "torch defaults (PROSCALE_OMP_POLICY=torch)" or "too late: torch already loaded"."""
+    """Sets GOMP_SPINCOUNT=1000 in `environ` (default os.environ) unless the user chose a wait
+    policy or PROSCALE_OMP_POLICY=torch. Returns what happened, in words: "set GOMP_SPINCOUNT=1000",
+    "kept user setting ...", "torch defaults (PROSCALE_OMP_POLICY=torch)" or "too late: torch
+    already loaded"."""
     env = os.environ if environ is None else environ
     if torch_loaded is None:
         torch_loaded = "torch" in sys.modules
-    choice = env.get(POLICY_ENV, "passive").strip().lower()
-    if choice not in ("passive", "torch"):
-        raise ValueError(f"{POLICY_ENV}={choice!r}: expected 'passive' or 'torch'")
+    choice = env.get(POLICY_ENV, "spin1k").strip().lower()
+    if choice not in ("spin1k", "torch"):
+        raise ValueError(f"{POLICY_ENV}={choice!r}: expected 'spin1k' or 'torch'")
     if choice == "torch":
         return f"torch defaults ({POLICY_ENV}=torch)"
     user = [k for k in USER_KEYS if k in env]
@@ -84,5 +90,5 @@ def configure(environ: MutableMapping[str, str] | None = None, torch_loaded: boo
         return "kept user setting " + ", ".join(f"{k}={env[k]}" for k in user)
     if torch_loaded:
         return "too late: torch already loaded"
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    return "set PASSIVE"
+    env["GOMP_SPINCOUNT"] = SPINCOUNT
+    return f"set GOMP_SPINCOUNT={SPINCOUNT}"

@@ -8,10 +8,10 @@ import pytest
 from proscale import cpu_policy
 
 
-def test_sets_passive_when_user_chose_nothing():
+def test_sets_short_spin_when_user_chose_nothing():
     env = {}
-    assert cpu_policy.configure(env, torch_loaded=False) == "set PASSIVE"
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert cpu_policy.configure(env, torch_loaded=False) == "set GOMP_SPINCOUNT=1000"
+    assert env == {"GOMP_SPINCOUNT": "1000"}
 
 
 @pytest.mark.parametrize("key,value", [("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "1000")])
@@ -38,11 +38,11 @@ def test_command_sets_it_before_torch_loads():
             "from proscale import cli\n"
             "assert 'torch' not in sys.modules\n"
             "try:\n    cli.main(['flops', '--preset', 'm2f_tiny', '--size', '64x64', '--json'])\n"
-            "finally:\n    print('POLICY', os.environ.get('OMP_WAIT_POLICY'))\n")
+            "finally:\n    print('POLICY', os.environ.get('GOMP_SPINCOUNT'))\n")
     env = {k: v for k, v in os.environ.items() if k not in cpu_policy.USER_KEYS and k != cpu_policy.POLICY_ENV}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "POLICY PASSIVE" in out.stdout
+    assert "POLICY 1000" in out.stdout
 
 
 def test_keep_freed_memory_removes_page_faults_of_repeated_large_temporaries():
