@@ -70,3 +70,9 @@ def test_bench_cli_profile_section(tmp_path, capsys):
     assert "ms above FLOPs" in capsys.readouterr().out
     data = json.loads(path.read_text())
     assert data["profile"]["columns"] == ["m2f_tiny", "proscale_tiny_333"]
+
+
+def test_profile_refuses_a_detector():
+    detector = proscale.build_model("ddetr_nano", num_classes=4).eval()
+    with pytest.raises(TypeError, match="MaskFormer"):
+        profile_models({"d": detector}, torch.zeros(1, 3, 64, 64), warmup=0, repeats=1)

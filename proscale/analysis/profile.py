@@ -193,6 +193,10 @@ def profile_models(models: dict[str, nn.Module], images: torch.Tensor, dtype: to
     images' device), in turns, and counts its FLOPs (analysis/flops.py) at the same size."""
     from proscale.analysis.flops import count_flops
 
+    for name, model in models.items():
+        if not all(hasattr(model, a) for a in ("backbone", "pixel_decoder", "transformer_decoder")):
+            raise TypeError(f"{name}: the profile times a MaskFormer's components (backbone, pixel decoder, "
+                            f"transformer decoder); {type(model).__name__} is not one (detectors: not yet)")
     device = images.device
     report = ProfileReport(str(device), tuple(images.shape[-2:]), images.shape[0], str(dtype).replace("torch.", ""),
                            torch.get_num_threads(), repeats, list(models))
