@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before any command module imports torch: OpenMP reads its wait policy when it loads.
+    from proscale import cpu_policy
+
+    cpu_policy.configure()
+    cpu_policy.configure_malloc()
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -33,6 +33,7 @@ from proscale.models.batching import padded_shape
 from proscale.models.detr import DeformableDETR
 from proscale.models.detr.postprocess import detections
 from proscale.models.postprocess import InferenceConfig, postprocess
+from proscale.precision import inference_autocast, outputs_to_float32, resolve_dtype
 
 TASK_KEYS = {"panoptic": "panoptic", "instance": "instances", "semantic": "sem_seg", "detection": "detections"}
 SEGMENTATION_TASKS = ("panoptic", "instance", "semantic")
@@ -119,13 +120,17 @@ class Predictor:
     checkpoint also brings its categories and test settings) or a MaskFormer / DeformableDETR
     (its `.metadata` when loaded from a file that has one; else pass `metadata`, or classes are
     named class_i and all are things).
+    dtype: "fp32" (default), or "bf16" / "fp16" to run the model under autocast (post-processing
+    stays fp32); refused with proscale.precision.PrecisionError on a CPU without the matrix
+    units for it (AVX512-BF16 / AMX for bf16; see proscale/precision.py).
     """
 
     def __init__(self, checkpoint_or_model: str | os.PathLike | nn.Module, device: str | torch.device = "auto",
                  tasks: tuple[str, ...] | list[str] | str | None = None, metadata: DatasetMetadata | None = None,
                  inference: InferenceConfig | None = None, min_size_test: int | None = None,
-                 max_size_test: int | None = None):
+                 max_size_test: int | None = None, dtype: str | torch.dtype = "fp32"):
         self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         if isinstance(checkpoint_or_model, nn.Module):
             self.model = checkpoint_or_model.to(self.device).eval()
             # a model from load_model / from_pretrained carries its class metadata
@@ -205,7 +210,9 @@ class Predictor:
     @torch.no_grad()
     def _run(self, batch: list[tuple[int, torch.Tensor, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor, dict]]:
         """One forward for images of one padded size; post-processing crops each to its own size."""
-        outputs = self.model([x.to(self.device) for _, _, x in batch])
+        with inference_autocast(self.device, self.dtype):
+            outputs = self.model([x.to(self.device) for _, _, x in batch])
+        outputs = outputs_to_float32(outputs)
         if self.detector:
             sizes = [(int(o.shape[-2]), int(o.shape[-1])) for _, o, _ in batch]
             results = [{"detections": {k: det[k] for k in ("boxes", "scores", "labels")}}

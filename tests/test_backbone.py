@@ -26,7 +26,8 @@ def test_local_safetensors_equals_timms_own_loading_of_the_file(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         got = list(ours(x).values())
-        want = _features(theirs, x)[-4:]
+        # inference runs a convolutional body in channels-last (TimmBackbone.forward): same layout here
+        want = _features(theirs, x.contiguous(memory_format=torch.channels_last))[-4:]
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert torch.equal(ours.body.stem.conv.weight, full.stem.conv.weight)
     random = TimmBackbone("regnetx_002").eval()

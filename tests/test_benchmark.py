@@ -1,6 +1,7 @@
 """`proscale bench` machinery (timings are never asserted: benchmarks report, tests check plumbing)."""
 import json
 
+import pytest
 import torch
 
 from proscale.analysis.benchmark import run_benchmark
@@ -51,3 +52,17 @@ def test_hf_peer_refuses_proscale_config():
 
     with pytest.raises(ValueError, match="baseline encoder"):
         hf_config_from(proscale.get_preset("proscale_tiny_333"))
+
+
+def test_throughput_rows_per_batch_size():
+    from proscale.analysis.benchmark import run_throughput, throughput_table
+
+    result = run_throughput(["proscale_tiny_333"], size=(64, 64), batches=(1, 2), warmup=0, repeats=1, num_classes=8,
+                            threads=1)
+    rows = result["rows"]
+    assert set(rows) == {"proscale_tiny_333 batch 1", "proscale_tiny_333 batch 2"}
+    for key, r in rows.items():
+        b = int(key.rsplit(" ", 1)[1])
+        assert r["images_per_s"] == pytest.approx(1000 * b / r["ms"])
+    assert result["compile_s"] == {}
+    assert "images/s" in throughput_table(result, "t")

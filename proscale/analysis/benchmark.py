@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -19,8 +20,7 @@ from typing import Callable
 import torch
 
 from proscale.analysis.memory import peak_memory_bytes
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from proscale.precision import DTYPES, PrecisionError, resolve_dtype
 
 
 @dataclass
@@ -242,8 +242,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
-    p.add_argument("--component", choices=["pixel_decoder", "encoder", "model", "both"], default="both",
-                   help="pixel_decoder (Mask2Former) and encoder (a detector's) name the same rows")
+    p.add_argument("--component", choices=["pixel_decoder", "encoder", "model", "both", "none"], default="both",
+                   help="pixel_decoder (Mask2Former) and encoder (a detector's) name the same rows; none: only "
+                        "the sections asked for below (--profile ...)")
+    p.add_argument("--profile", action="store_true",
+                   help="also time every component (input projections, each encoder stage, TRC, FPN, mask "
+                        "features, backbone, transformer decoder) beside its GFLOPs, models in turns "
+                        "(proscale/analysis/profile.py)")
+    p.add_argument("--throughput", action="store_true",
+                   help="also measure whole-model images/s at the --throughput-batches sizes (in turns)")
+    p.add_argument("--throughput-batches", type=int, nargs="+", default=[1, 4], metavar="B")
+    p.add_argument("--compile", action="store_true",
+                   help="also run the throughput rows through torch.compile (compile time reported apart)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -255,9 +265,111 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=_main)
 
 
+def run_profile(presets: list[str], size=(800, 1088), batch: int = 1, device: str = "cpu", dtype: str = "fp32",
+                warmup: int = 1, repeats: int = 5, num_classes: int = 133, threads: int | None = None):
+    """The per-component profile (analysis/profile.py) of `presets`, timed in turns."""
+    import proscale
+    from proscale.analysis.profile import profile_models
+
+    dev = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=dev).float()
+    models = {name: proscale.build_model(name, num_classes=num_classes).to(dev).train(False) for name in presets}
+    return profile_models(models, images, DTYPES[dtype], warmup=warmup, repeats=repeats)
+
+
+def run_throughput(presets: list[str], size=(800, 1088), batches=(1, 4), device: str = "cpu", dtype: str = "fp32",
+                   warmup: int = 1, repeats: int = 3, num_classes: int = 133, threads: int | None = None,
+                   compile: bool = False) -> dict:
+    """Whole-model inference throughput (images/s) of each preset at each batch size, every
+    (preset, batch) taking turns round by round; medians. With `compile`, each preset also runs
+    through torch.compile (default inductor), its first call (the compile) timed apart.
+
+    Returns {"rows": {f"{preset} batch {b}": {"ms": median ms per batch, "images_per_s": ...}},
+    "compile_s": {preset: seconds of the first compiled call} (or {preset: "failed: why"})}."""
+    import proscale
+
+    dev = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    amp = DTYPES[dtype]
+    torch.manual_seed(0)
+    runs: dict[str, Callable] = {}
+    compile_s: dict[str, object] = {}
+    for name in presets:
+        model = proscale.build_model(name, num_classes=num_classes).to(dev).train(False)
+        variants = [(name, model)]
+        if compile:
+            compiled = torch.compile(model)
+            images = torch.randint(0, 256, (1, 3, *size), device=dev).float()
+            try:
+                start = time.perf_counter()
+                with torch.inference_mode(), torch.autocast(dev.type, dtype=amp, enabled=amp != torch.float32):
+                    compiled(images)
+                _sync(dev)
+                compile_s[name] = time.perf_counter() - start
+                variants.append((f"{name} compiled", compiled))
+            except Exception as e:  # noqa: BLE001 - reported, the eager rows still run
+                compile_s[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        for label, m in variants:
+            for b in batches:
+                images = torch.randint(0, 256, (b, 3, *size), device=dev).float()
+
+                def fn(m=m, images=images):
+                    with torch.inference_mode(), torch.autocast(dev.type, dtype=amp, enabled=amp != torch.float32):
+                        return m(images)
+
+                runs[f"{label} batch {b}"] = fn
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            samples[key].append(time_fn(fn, dev, 0, 1).median_ms)
+    rows = {}
+    for key, ms in samples.items():
+        b = int(key.rsplit(" ", 1)[1])
+        med = statistics.median(ms)
+        rows[key] = {"ms": med, "images_per_s": 1000 * b / med}
+    return {"rows": rows, "compile_s": compile_s}
+
+
+def throughput_table(result: dict, title: str) -> str:
+    lines = [title, "| model / batch | ms per batch | images/s |", "|---|---:|---:|"]
+    for key, r in result["rows"].items():
+        lines.append(f"| {key} | {r['ms']:.0f} | {r['images_per_s']:.3f} |")
+    for name, s in result["compile_s"].items():
+        lines.append(f"torch.compile {name}: " + (f"first call (compile) {s:.1f} s" if isinstance(s, float) else s))
+    return "\n".join(lines)
+
+
 def _main(args) -> int:
     h, w = (int(v) for v in args.size.lower().split("x"))
+    try:
+        resolve_dtype(args.dtype, args.device)
+    except PrecisionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     presets = [args.preset] + ([args.vs] if args.vs else [])
+    out: dict = {}
+    if args.profile:
+        profile = run_profile(presets, (h, w), args.batch, args.device, args.dtype, max(1, args.warmup),
+                              args.repeats, args.num_classes, args.threads)
+        print(profile.table())
+        out["profile"] = profile.to_dict()
+    if args.throughput or args.compile:
+        result = run_throughput(presets, (h, w), tuple(args.throughput_batches), args.device, args.dtype,
+                                max(1, args.warmup), args.repeats, args.num_classes, args.threads, args.compile)
+        title = (f"throughput: device {args.device}, {h}x{w}, {args.dtype}, {torch.get_num_threads()} threads, "
+                 f"whole model inference, median of {args.repeats} interleaved rounds")
+        print(throughput_table(result, title))
+        out["throughput"] = result
+    if args.component == "none":
+        _write_json(args.json, out)
+        return 0
     report = run_benchmark(
         presets, (h, w), args.batch, args.device, args.dtype,
         modes=("infer", "train") if args.mode == "both" else (args.mode,),
@@ -266,7 +378,11 @@ def _main(args) -> int:
         warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory, num_classes=args.num_classes,
         threads=args.threads, peer=args.peer)
     print(report.table())
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(report.to_json())
+    _write_json(args.json, {**asdict(report), **out})  # the bench report's keys at the top, as before
     return 0
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)

@@ -33,6 +33,7 @@ from proscale import distributed as du
 from proscale.models.batching import group_by_padded_shape
 from proscale.models.detr import DeformableDETR
 from proscale.models.postprocess import InferenceConfig, postprocess
+from proscale.precision import PrecisionError, add_dtype_argument, outputs_to_float32, resolve_dtype
 
 logger = logging.getLogger("proscale.eval")
 
@@ -149,6 +150,7 @@ def evaluate(model: nn.Module, dataloader, metadata, tasks=TASKS, inference: Inf
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float16,
                                 enabled=amp_dtype is not None):
                 outputs = model([images[i] for i in group])
+            outputs = outputs_to_float32(outputs)  # post-processing in fp32 whatever the autocast dtype
             for i, res in zip(group, postprocess(outputs, [meta[i] for i in group], cfg, thing_ids)):
                 results[i] = res
         for i, res in enumerate(results):
@@ -183,6 +185,7 @@ def evaluate_detection(model: nn.Module, dataloader, metadata, topk: int = 100,
         images = [im.to(device) for im in batch["images"]]
         with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float16, enabled=amp_dtype is not None):
             outputs = model(images)
+        outputs = outputs_to_float32(outputs)
         sizes = list(zip(batch["height"], batch["width"]))
         for image_id, det in zip(batch["image_id"], detections(outputs, sizes, topk)):
             evaluator.process_boxes(image_id, det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu())
@@ -212,6 +215,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="repeat for several (default: all available; a detector always gives detection)")
     p.add_argument("--device", default="auto")
     du.add_threads_argument(p)
+    add_dtype_argument(p)
     p.add_argument("--batch-size", type=int, default=1, help="images per forward, per process")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--min-size-test", type=int, help="test short side (default: the checkpoint's, else 800)")
@@ -231,6 +235,11 @@ def main(args: argparse.Namespace) -> int:
     info = du.init_distributed(args.device)
     try:
         try:
+            amp_dtype = resolve_dtype(args.dtype, info.device)
+        except PrecisionError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        try:
             model, settings = load_for_inference(args.checkpoint, info.device)
         except CheckpointError as e:  # names the file and the problem; a traceback would add nothing
             print(f"error: {e}", file=sys.stderr)
@@ -247,12 +256,12 @@ def main(args: argparse.Namespace) -> int:
                                   distributed=info.distributed)
         start = time.perf_counter()
         results = evaluate(model, loader, dataset.metadata, tuple(args.task or TASKS), settings.inference, info.device,
-                           output_dir=args.out)
+                           amp_dtype=None if amp_dtype == torch.float32 else amp_dtype, output_dir=args.out)
         elapsed = time.perf_counter() - start
         if info.is_main:
             print(summary_line(results))
             print(f"{len(dataset)} images in {elapsed:.1f} s: {len(dataset) / max(elapsed, 1e-9):.2f} images/s "
-                  f"(batch size {args.batch_size} x {info.world_size} process(es), {info.device}; reading, model, "
+                  f"(batch size {args.batch_size} x {info.world_size} process(es), {info.device}, {args.dtype}; reading, model, "
                   f"post-processing and scoring)")
             if args.out:
                 Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from proscale import distributed as du
+from proscale.precision import PrecisionError, add_dtype_argument
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -129,6 +130,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="repeat for several (default: panoptic; detection for a detector)")
     p.add_argument("--device", default="auto")
     du.add_threads_argument(p)
+    add_dtype_argument(p)
     p.add_argument("--batch-size", type=int, default=1, help="images per forward (those of one padded size)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="instances / boxes drawn in the overlay")
     p.set_defaults(func=main)
@@ -146,7 +148,12 @@ def main(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
-    predictor = Predictor(args.checkpoint, device=args.device, tasks=tuple(args.task) if args.task else None)
+    try:
+        predictor = Predictor(args.checkpoint, device=args.device, tasks=tuple(args.task) if args.task else None,
+                              dtype=args.dtype)
+    except PrecisionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     read: list[tuple[Path, str]] = []  # (file, output stem) of each image handed to the predictor
     stems: dict[str, int] = {}
 
@@ -177,7 +184,7 @@ def main(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     rate = f": {done / elapsed:.2f} images/s" if done and elapsed > 0 else ""
     print(f"{done} image(s) written to {out} in {elapsed:.1f} s{rate} (batch size {args.batch_size}, "
-          f"{predictor.device}; reading, model, post-processing and writing)")
+          f"{predictor.device}, {args.dtype}; reading, model, post-processing and writing)")
     if failures:
         print(f"{len(failures)} input(s) failed:", file=sys.stderr)
         for item, problem in failures:

@@ -31,6 +31,11 @@ def ms_deform_attn_pure(
     """
     B, S, M, D = value.shape
     _, Nq, _, L, P, _ = sampling_locations.shape
+    out_dtype = value.dtype
+    # One compute dtype for grid_sample (it needs input and grid alike): the widest of the three,
+    # so bf16 values with fp32 locations sample at fp32 locations.
+    cd = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
+    value, sampling_locations, attention_weights = (t.to(cd) for t in (value, sampling_locations, attention_weights))
     value_list = value.split([h * w for h, w in spatial_shapes], dim=1)
     # grid_sample works on [-1, 1] with align_corners=False, i.e. pixel centres at (i+0.5)/W.
     grids = 2 * sampling_locations - 1
@@ -41,4 +46,4 @@ def ms_deform_attn_pure(
         sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
     weights = attention_weights.transpose(1, 2).reshape(B * M, 1, Nq, L * P)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (B*M, D, Nq)
-    return out.view(B, M * D, Nq).transpose(1, 2).contiguous()
+    return out.view(B, M * D, Nq).transpose(1, 2).contiguous().to(out_dtype)

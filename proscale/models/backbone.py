@@ -14,6 +14,7 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from proscale.config import BackboneConfig
 from proscale.models.swin import make_original_swin_
@@ -108,9 +109,14 @@ class TimmBackbone(nn.Module):
         self.names = NAMES
         # Swin / ConvNeXt-style timm models may return channels-last maps.
         self.channels_last = getattr(body, "output_fmt", "NCHW") == "NHWC"
+        # A convolutional body (ResNet) runs its inference in channels-last: oneDNN's convolutions
+        # are faster so on CPU (R50 at 800x1088, 2 threads: 1115 -> 851 ms fp32, 837 -> 589 ms
+        # bf16; docs/speed.md). Training keeps the default layout (see PixelDecoder.forward_fpn).
+        self.convolutional = not swin and not self.channels_last
         self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels) if out_norms else None
         if freeze_bn:
             timm.layers.freeze_batch_norm_2d(self.body)
+            _frozen_bn_in_input_dtype_(self.body)
         if freeze_at:
             freeze_stages(self.body, freeze_at)
             if freeze_at == 5 and self.out_norms is not None:
@@ -121,6 +127,8 @@ class TimmBackbone(nn.Module):
         return dict(zip(self.names, self.channels))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.convolutional and not torch.is_grad_enabled() and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.body(x)
         if self.out_norms is not None:  # LayerNorm over channels: on (B, H, W, C) maps
             feats = [f if self.channels_last else f.permute(0, 2, 3, 1) for f in feats]
@@ -128,6 +136,25 @@ class TimmBackbone(nn.Module):
         elif self.channels_last:
             feats = [f.permute(0, 3, 1, 2) for f in feats]
         return dict(zip(self.names, feats))
+
+
+class FrozenBatchNorm2dInputDtype(FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d (what timm's freeze_batch_norm_2d makes) with the folded
+    scale and shift in the input's dtype: in fp32 the same arithmetic; under bf16 autocast the
+    conv's bf16 output stays bf16 (the fp32 buffers would promote every frozen-BN output to fp32:
+    a slow mixed-dtype pass and a cast back for the next conv, on each of R50's 53 norms;
+    docs/speed.md). Same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + bias.to(x.dtype).reshape(1, -1, 1, 1)
+
+
+def _frozen_bn_in_input_dtype_(body: nn.Module) -> None:
+    for m in body.modules():
+        if type(m) is FrozenBatchNorm2d:
+            m.__class__ = FrozenBatchNorm2dInputDtype
 
 
 def freeze_stages(body: nn.Module, freeze_at: int) -> list[str]:

@@ -45,7 +45,9 @@ class EncoderLayer(nn.Module):
         """x, pos: (B, N, C); reference_points: (1 or B, N, L, 2); padding_mask: (B, N) or None -> (B, N, C)."""
         attn = self.self_attn(x + pos, reference_points, x, spatial_shapes, padding_mask)
         x = self.norm1(x + self.dropout1(attn))
-        x = self.norm2(x + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(x))))))
+        # In-place ReLU: the (N, ffn_dim) activation is the largest tensor of the layer, and
+        # linear1's backward does not need its output.
+        x = self.norm2(x + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(x), inplace=True)))))
         return x
 
 
@@ -171,8 +173,10 @@ class DeformableEncoder(nn.Module):
 
     def _reference_points(self, spatial_shapes: SpatialShapes, like: torch.Tensor) -> torch.Tensor:
         # Built once per input size: no per-call host-to-device copies (see constant_cache.py).
-        key = (spatial_shapes, like.device, like.dtype)
-        return self._ref_cache.get(key, lambda: reference_points(spatial_shapes, like.device, like.dtype))
+        # At least fp32 under autocast: a bf16 pixel centre is off by up to half a pixel.
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        key = (spatial_shapes, like.device, dtype)
+        return self._ref_cache.get(key, lambda: reference_points(spatial_shapes, like.device, dtype))
 
     def forward(self, tokens: list[torch.Tensor], pos: list[torch.Tensor], spatial_shapes: SpatialShapes,
                 padding_mask: torch.Tensor | None = None, valid_ratios: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,7 +188,8 @@ class DeformableEncoder(nn.Module):
         if valid_ratios is None:
             full_ref = self._reference_points(tuple(spatial_shapes), finest)
         else:
-            full_ref = masked_reference_points(tuple(spatial_shapes), valid_ratios.to(finest.dtype))
+            full_ref = masked_reference_points(tuple(spatial_shapes),
+                                               valid_ratios.to(torch.promote_types(finest.dtype, torch.float32)))
         counts = [h * w for h, w in spatial_shapes]
         x = None
         joined = []  # each scale's tokens as they joined the sequence: TRC(t_1), ..., TRC(t_L-1), t_L

@@ -105,8 +105,12 @@ class MSDeformAttn(nn.Module):
         if value_padding_mask is not None:
             v = v.masked_fill(value_padding_mask[..., None], 0.0)
         v = v.view(B, S, M, self.d_model // M)
-        offsets = self.sampling_offsets(query).view(B, Nq, M, L, P, 2)
-        weights = self.attention_weights(query).view(B, Nq, M, L * P).softmax(-1).view(B, Nq, M, L, P)
+        # Locations and the softmax in fp32 at least (autocast gives bf16 / fp16 linear outputs):
+        # a bf16 location in [0, 1] is off by up to half a pixel on a 136-wide map.
+        offsets = _at_least_fp32(self.sampling_offsets(query)).view(B, Nq, M, L, P, 2)
+        weights = _at_least_fp32(self.attention_weights(query)).view(B, Nq, M, L * P).softmax(-1)
+        weights = weights.view(B, Nq, M, L, P)
+        reference_points = _at_least_fp32(reference_points)
         if reference_points.shape[-1] == 4:
             ref = reference_points[:, :, None, :, None, :]
             locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
@@ -119,6 +123,10 @@ class MSDeformAttn(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, "
                 f"n_points={self.n_points}, backend={self.backend!r}")
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 @contextlib.contextmanager
