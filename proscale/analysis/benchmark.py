@@ -114,44 +114,35 @@ def component_fns(model, images: torch.Tensor, dtype: torch.dtype, device: torch
         x, _ = model.preprocess(images)
         feats = {k: v.detach() for k, v in model.backbone(x).items()}
     pd = model.pixel_decoder
-    criterion = None
-    try:
-        from proscale.models.criterion import LossConfig, build_criterion
+    from proscale.models.criterion import LossConfig, build_criterion, pad_targets
 
-        criterion = build_criterion(model.num_classes, LossConfig())
-    except ImportError:
-        pass
+    criterion = build_criterion(model.num_classes, LossConfig())
     targets = _random_targets(images.shape[0], tuple(images.shape[-2:]), model.num_classes, device)
 
-    def pd_infer():
-        with torch.inference_mode(), autocast():
-            return pd(feats)
+    def model_loss():
+        out = model(images)
+        return criterion.total_loss(criterion(out, pad_targets(targets, out["padded_size"])))
 
-    def pd_train():
-        with autocast():
-            loss = _surrogate_loss(pd(feats))
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    def model_infer():
-        with torch.inference_mode(), autocast():
-            return model(images)
-
-    def model_train():
-        with autocast():
-            out = model(images)
-            if criterion is not None:
-                from proscale.models.criterion import pad_targets
-
-                losses = criterion(out, pad_targets(targets, out["padded_size"]))
-                loss = criterion.total_loss(losses)
-            else:
-                loss = _surrogate_loss(out["pred_masks"]) + _surrogate_loss(out["pred_logits"])
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
+    pd_infer, pd_train = _infer_and_train(model, autocast, lambda: pd(feats), lambda: _surrogate_loss(pd(feats)))
+    model_infer, model_train = _infer_and_train(model, autocast, lambda: model(images), model_loss)
     return {"pixel_decoder/infer": pd_infer, "pixel_decoder/train": pd_train,
             "model/infer": model_infer, "model/train": model_train}
+
+
+def _infer_and_train(model, autocast, forward: Callable, loss: Callable) -> tuple[Callable, Callable]:
+    """(inference call: `forward()` under inference mode, training step: backward of `loss()`),
+    both under `autocast()`; the step clears the gradients it made."""
+    def infer():
+        with torch.inference_mode(), autocast():
+            return forward()
+
+    def train():
+        with autocast():
+            value = loss()
+        value.backward()
+        model.zero_grad(set_to_none=True)
+
+    return infer, train
 
 
 def detector_fns(model, images: torch.Tensor, dtype: torch.dtype, device: torch.device) -> dict[str, Callable]:
@@ -171,26 +162,9 @@ def detector_fns(model, images: torch.Tensor, dtype: torch.dtype, device: torch.
         maps, masks = model.levels(feats, pad)
         return model.forward_encoder(maps, masks)[0]
 
-    def enc_infer():
-        with torch.inference_mode(), autocast():
-            return encoder()
-
-    def enc_train():
-        with autocast():
-            loss = _surrogate_loss(encoder())
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    def model_infer():
-        with torch.inference_mode(), autocast():
-            return model(images)
-
-    def model_train():
-        with autocast():
-            loss = criterion.total_loss(criterion(model(images), targets))
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
+    enc_infer, enc_train = _infer_and_train(model, autocast, encoder, lambda: _surrogate_loss(encoder()))
+    model_infer, model_train = _infer_and_train(model, autocast, lambda: model(images),
+                                                lambda: criterion.total_loss(criterion(model(images), targets)))
     return {"encoder/infer": enc_infer, "encoder/train": enc_train, "model/infer": model_infer,
             "model/train": model_train}
 

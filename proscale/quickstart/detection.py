@@ -24,7 +24,8 @@ from proscale.quickstart.config import DET_MODELS, QuickstartConfig, run_dir
 from proscale.quickstart.console import progress_bar, say
 from proscale.quickstart.detection_report import write_detection_report
 from proscale.quickstart.plan import expected_minutes, loadavg, stage_plan
-from proscale.quickstart.stages import device_name, run_times, spread, stage_data, stage_train, stored_measure
+from proscale.quickstart.stages import (device_name, one_thread_on_cpu, run_times, spread, stage_data, stage_train,
+                                       stored_measure)
 from proscale.recipes import DetectionRecipe
 
 # Seconds per training iteration (128 px, batch 4, one thread, two trainings at once on the
@@ -54,10 +55,7 @@ def stage_measure(cfg: QuickstartConfig, plan: dict) -> dict:
     if stored:
         return stored
     device = resolve_device(cfg.device)
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    with one_thread_on_cpu(device):
         models = {key: load_trained(cfg, key)[0] for key, _, _ in DET_MODELS}
         sizes = [cfg.image_size] + ([cfg.latency_large_size] if cfg.latency_large_size > cfg.image_size else [])
         say(f"[5/6] measure: GFLOPs and latency at {', '.join(f'{s}x{s}' for s in sizes)}, batch 1, {device}, "
@@ -84,8 +82,6 @@ def stage_measure(cfg: QuickstartConfig, plan: dict) -> dict:
                   "loadavg_after": loadavg(), **results[0], "larger": results[1:]}
         write_json(path, stored)
         return stored
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_detection_quickstart(cfg: QuickstartConfig) -> dict:

@@ -80,15 +80,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: argparse.Namespace, make) -> QuickstartConfig:
+    """The command's QuickstartConfig: `make(**fields)` (QuickstartConfig, or detection_config for
+    --task detection) with the flags given, then the --setting."""
+    d = make()
+    recipe = dataclasses.replace(d.recipe, iterations=args.iterations) if args.iterations > 0 else d.recipe
+    return with_setting(make(out=args.out or d.out, seeds=args.seeds or d.seeds, budget_minutes=args.budget_minutes,
+                             workers=args.workers, device=args.device, seed=args.seed, recipe=recipe,
+                             progress=not args.no_progress), args.setting)
+
+
 def main(args: argparse.Namespace) -> int:
     if args.task == "detection":
         return _main_detection(args)
-    d = QuickstartConfig()
-    recipe = dataclasses.replace(d.recipe, iterations=args.iterations) if args.iterations > 0 else d.recipe
-    cfg = with_setting(QuickstartConfig(out=args.out or d.out, seeds=args.seeds or d.seeds,
-                                        budget_minutes=args.budget_minutes, workers=args.workers, device=args.device,
-                                        seed=args.seed, recipe=recipe, progress=not args.no_progress), args.setting)
-    result = run_quickstart(cfg)
+    result = run_quickstart(config_from_args(args, QuickstartConfig))
     print()
     print(result["table"])
     print()
@@ -102,12 +107,7 @@ def main(args: argparse.Namespace) -> int:
 def _main_detection(args: argparse.Namespace) -> int:
     from proscale.quickstart.detection import detection_config, run_detection_quickstart
 
-    d = detection_config()
-    recipe = dataclasses.replace(d.recipe, iterations=args.iterations) if args.iterations > 0 else d.recipe
-    cfg = with_setting(detection_config(out=args.out or d.out, seeds=args.seeds or d.seeds,
-                                        budget_minutes=args.budget_minutes, workers=args.workers, device=args.device,
-                                        seed=args.seed, recipe=recipe, progress=not args.no_progress), args.setting)
-    result = run_detection_quickstart(cfg)
+    result = run_detection_quickstart(config_from_args(args, detection_config))
     print()
     print(result["table"])
     print()

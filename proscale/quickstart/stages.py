@@ -6,6 +6,7 @@ re-run resumes instead of starting over.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -110,6 +111,20 @@ def load_trained(cfg: QuickstartConfig, key: str) -> tuple[torch.nn.Module, Pred
 
 
 # --------------------------------------------------------------------------- 5. measurement
+@contextlib.contextmanager
+def one_thread_on_cpu(device: torch.device):
+    """torch runs one thread inside (on CPU), as every training ran: latency then follows the work
+    done, and a busy machine slows it in proportion instead of stalling threads that wait for each
+    other. The thread count is restored after."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def stored_measure(cfg: QuickstartConfig, plan: dict) -> tuple[Path, dict, dict | None]:
     """(OUT/measure.json, the latency settings, its content when it was measured for this plan
     with these settings, else None)."""
@@ -134,15 +149,8 @@ def stage_measure(cfg: QuickstartConfig, plan: dict) -> dict:
     if stored:
         return stored
     device = resolve_device(cfg.device)
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        # One thread, as every training ran: latency then follows the work done, and a busy
-        # machine slows it in proportion instead of stalling threads that wait for each other.
-        torch.set_num_threads(1)
-    try:
+    with one_thread_on_cpu(device):
         return measure(cfg, plan, device, path, settings)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def measure(cfg: QuickstartConfig, plan: dict, device: torch.device, path: Path, settings: dict) -> dict:
