@@ -142,6 +142,7 @@ FLOP_HANDLES = {
     "baddbmm": _biased_product,
     "matmul": _matmul,
     "linear": _linear,
+    "_linear_pointwise": _linear,  # mkldnn's linear (+ fused ReLU): proscale/kernels/linear.py
     "convolution": _conv,
     "_convolution": _conv,
     "native_layer_norm": _norm_affine(2),

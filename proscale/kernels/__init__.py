@@ -40,7 +40,7 @@ AUTO = "auto"  # select_backend() per call
 ENV_VAR = "PROSCALE_MSDA"
 
 __all__ = ["AUTO", "BACKENDS", "ENV_VAR", "check_backend", "ms_deform_attn", "ms_deform_attn_fused",
-           "ms_deform_attn_pure", "select_backend", "triton_available", "triton_interpreter"]
+           "ms_deform_attn_pure", "select_backend", "tracing", "triton_available", "triton_interpreter"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,7 +64,8 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
+    """True while torch.jit traces / scripts, torch.compile or torch.export traces, or ONNX exports."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
     return bool(torch.onnx.is_in_onnx_export())
@@ -79,7 +80,7 @@ def check_backend(backend: str) -> str:
 
 def select_backend(value: torch.Tensor) -> str:
     """The back end "auto" stands for on this tensor (honours PROSCALE_MSDA)."""
-    if _tracing():
+    if tracing():
         return "pure"
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from proscale.config import EncoderConfig
+from proscale.kernels.linear import Linear, linear
 from proscale.models.constant_cache import ConstantCache
 from proscale.models.ms_deform_attn import MSDeformAttn, SpatialShapes
 
@@ -34,9 +35,9 @@ class EncoderLayer(nn.Module):
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, ffn_dim)
+        self.linear1 = Linear(d_model, ffn_dim)
         self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(ffn_dim, d_model)
+        self.linear2 = Linear(ffn_dim, d_model)
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
@@ -45,9 +46,9 @@ class EncoderLayer(nn.Module):
         """x, pos: (B, N, C); reference_points: (1 or B, N, L, 2); padding_mask: (B, N) or None -> (B, N, C)."""
         attn = self.self_attn(x + pos, reference_points, x, spatial_shapes, padding_mask)
         x = self.norm1(x + self.dropout1(attn))
-        # In-place ReLU: the (N, ffn_dim) activation is the largest tensor of the layer, and
-        # linear1's backward does not need its output.
-        x = self.norm2(x + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(x), inplace=True)))))
+        # ReLU fused into linear1 (oneDNN) or in place: (N, ffn_dim) is the layer's largest tensor.
+        h = linear(x, self.linear1.weight, self.linear1.bias, relu=True)
+        x = self.norm2(x + self.dropout3(self.linear2(self.dropout2(h))))
         return x
 
 

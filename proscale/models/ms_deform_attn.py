@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from proscale.kernels import AUTO, check_backend, ms_deform_attn
+from proscale.kernels.linear import Linear
 from proscale.models.constant_cache import ConstantCache
 
 SpatialShapes = tuple[tuple[int, int], ...]
@@ -45,10 +46,10 @@ class MSDeformAttn(nn.Module):
         # MSDA back end of every call: "auto" or one of proscale.kernels.BACKENDS. A plain
         # attribute (not saved in the state dict): it changes the speed, not the result.
         self.backend = check_backend(backend)
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        self.sampling_offsets = Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = Linear(d_model, d_model)
+        self.output_proj = Linear(d_model, d_model)
         self._offset_scale = ConstantCache()  # (shapes, device, dtype) -> (L, 2) tensor of (1/W, 1/H)
         self.reset_parameters()
 
