@@ -14,10 +14,9 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from proscale.config import BackboneConfig
-from proscale.models.swin import make_original_swin_
+from proscale.models.frozen_bn import fold_frozen_norms_, frozen_norms_in_input_dtype_
 from proscale.models.swin import make_original_swin_
 
 NAMES = ("res2", "res3", "res4", "res5")
@@ -116,7 +115,8 @@ class TimmBackbone(nn.Module):
         self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels) if out_norms else None
         if freeze_bn:
             timm.layers.freeze_batch_norm_2d(self.body)
-            _frozen_bn_in_input_dtype_(self.body)
+            frozen_norms_in_input_dtype_(self.body)
+            fold_frozen_norms_(self.body)  # at inference only (models/frozen_bn.py)
         if freeze_at:
             freeze_stages(self.body, freeze_at)
             if freeze_at == 5 and self.out_norms is not None:
@@ -136,25 +136,6 @@ class TimmBackbone(nn.Module):
         elif self.channels_last:
             feats = [f.permute(0, 3, 1, 2) for f in feats]
         return dict(zip(self.names, feats))
-
-
-class FrozenBatchNorm2dInputDtype(FrozenBatchNorm2d):
-    """torchvision's FrozenBatchNorm2d (what timm's freeze_batch_norm_2d makes) with the folded
-    scale and shift in the input's dtype: in fp32 the same arithmetic; under bf16 autocast the
-    conv's bf16 output stays bf16 (the fp32 buffers would promote every frozen-BN output to fp32:
-    a slow mixed-dtype pass and a cast back for the next conv, on each of R50's 53 norms;
-    docs/speed.md). Same state dict."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        bias = self.bias - self.running_mean * scale
-        return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + bias.to(x.dtype).reshape(1, -1, 1, 1)
-
-
-def _frozen_bn_in_input_dtype_(body: nn.Module) -> None:
-    for m in body.modules():
-        if type(m) is FrozenBatchNorm2d:
-            m.__class__ = FrozenBatchNorm2dInputDtype
 
 
 def freeze_stages(body: nn.Module, freeze_at: int) -> list[str]:

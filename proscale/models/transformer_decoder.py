@@ -19,15 +19,29 @@ def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
 
 
 class CrossAttentionLayer(nn.Module):
+    """Masked cross-attention, post-norm. The weights are nn.MultiheadAttention's (same state-dict
+    keys); the forward is written out so that the memory's key / value projections run through
+    `linear` (oneDNN at CPU inference) on batch-first tokens, and the mask reaches SDPA once per
+    image, broadcast over the heads (no (B*heads, Q, HW) copy)."""
+
     def __init__(self, d_model: int, nhead: int):
         super().__init__()
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=0.0)
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, tgt, memory, memory_mask, pos, query_pos):
-        """tgt: (Q, B, C); memory: (HW, B, C); memory_mask: (B*heads, Q, HW) bool, True = blocked."""
-        out = self.multihead_attn(_with_pos(tgt, query_pos), _with_pos(memory, pos), memory, attn_mask=memory_mask,
-                                  need_weights=False)[0]
+    def forward(self, tgt, memory, allowed, pos, query_pos):
+        """tgt, query_pos: (Q, B, C); memory, pos: (B, HW, C); allowed: (B, Q, HW) bool, True where
+        a query may attend -> (Q, B, C)."""
+        attn = self.multihead_attn
+        Q, B, C = tgt.shape
+        h = attn.num_heads
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+        q = linear(_with_pos(tgt, query_pos), w_q, b_q).view(Q, B, h, C // h).permute(1, 2, 0, 3)
+        k = linear(_with_pos(memory, pos), w_k, b_k).view(B, -1, h, C // h).transpose(1, 2)
+        v = linear(memory, w_v, b_v).view(B, -1, h, C // h).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])  # (B, h, Q, C/h)
+        out = linear(out.permute(2, 0, 1, 3).reshape(Q, B, C), attn.out_proj.weight, attn.out_proj.bias)
         return self.norm(tgt + out)
 
 
@@ -126,26 +140,24 @@ class MaskedAttentionDecoder(nn.Module):
             mask_features = mask_features.to(torch.get_autocast_dtype(device))
         onednn = use_onednn(mask_features, self.query_feat.weight)
         mask_features = mask_features.contiguous(memory_format=torch.channels_last if onednn else torch.contiguous_format)
-        src, pos, sizes = [], [], []
+        src, pos, sizes = [], [], []  # memory and its position encoding, (B, HW, C) per level
         for i in range(self.num_levels):
             sizes.append(tuple(maps[i].shape[-2:]))
-            pos.append(self.pe_layer(maps[i]).flatten(2).permute(2, 0, 1))  # (HW, B, C)
-            s = self.input_proj[i](maps[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
-            src.append(s.permute(2, 0, 1))
+            pos.append(self.pe_layer(maps[i]).flatten(2).transpose(1, 2))
+            # At inference the maps are channels-last views of the encoder's tokens: no copy.
+            src.append(self.input_proj[i](maps[i]).flatten(2).transpose(1, 2) + self.level_embed.weight[i])
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, B, 1)  # (Q, B, C)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, B, 1)
 
         predictions = []
-        cls, masks, attn_mask = self.predict(output, mask_features, sizes[0])
+        cls, masks, allowed = self.predict(output, mask_features, sizes[0])
         predictions.append((cls, masks))
         for i in range(self.num_layers):
             level = i % self.num_levels
-            # A query whose mask is empty everywhere would attend to nothing: let it see all.
-            attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
-            output = self.transformer_cross_attention_layers[i](output, src[level], attn_mask, pos[level], query_pos)
+            output = self.transformer_cross_attention_layers[i](output, src[level], allowed, pos[level], query_pos)
             output = self.transformer_self_attention_layers[i](output, query_pos)
             output = self.transformer_ffn_layers[i](output)
-            cls, masks, attn_mask = self.predict(output, mask_features, sizes[(i + 1) % self.num_levels])
+            cls, masks, allowed = self.predict(output, mask_features, sizes[(i + 1) % self.num_levels])
             predictions.append((cls, masks))
         return {
             "pred_logits": predictions[-1][0],
@@ -154,15 +166,15 @@ class MaskedAttentionDecoder(nn.Module):
         }
 
     def predict(self, output: torch.Tensor, mask_features: torch.Tensor, attn_size: tuple[int, int]):
-        """output (Q, B, C) -> class logits (B, Q, K+1), mask logits (B, Q, H/4, W/4),
-        attention mask (B*heads, Q, h*w) at the next level's size, True where blocked."""
+        """output (Q, B, C) -> class logits (B, Q, K+1), mask logits (B, Q, H/4, W/4), and where
+        each query may attend at the next level's size, (B, Q, h*w) bool: inside its mask
+        (sigmoid >= 0.5), or everywhere if its mask is empty (it would attend to nothing)."""
         x = self.decoder_norm(output).transpose(0, 1)
         cls = self.class_embed(x)
         masks = mask_logits(self.mask_embed(x), mask_features)
         attn = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
-        attn = (attn.sigmoid().flatten(2) < 0.5).detach()
-        attn = attn.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
-        return cls, masks, attn
+        allowed = ~(attn.sigmoid().flatten(2) < 0.5).detach()
+        return cls, masks, allowed | ~allowed.any(-1, keepdim=True)
 
 
 def build_transformer_decoder(in_channels: int, num_classes: int, cfg: DecoderConfig) -> MaskedAttentionDecoder:
