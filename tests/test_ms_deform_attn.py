@@ -325,3 +325,15 @@ def test_module_rejects_inconsistent_spatial_shapes():
         attn(query, ref, value, ((2, 3), (2, 3)))  # 12 tokens described, 10 given
     with pytest.raises(ValueError):
         attn(query, ref, value, ((2, 5),))  # one level for a two-level module
+
+
+def test_inference_softmax_equals_torch_softmax():
+    from proscale.models.ms_deform_attn import _softmax_last
+
+    x = torch.randn(2, 50, 8, 12) * 30  # large logits: the max is subtracted first
+    with torch.no_grad():
+        got = _softmax_last(x.clone())
+    torch.testing.assert_close(got, x.softmax(-1), rtol=1e-6, atol=1e-7)
+    y = x.clone().requires_grad_(True)
+    (_softmax_last(y) * torch.arange(12.0)).sum().backward()  # with gradients: torch's own
+    assert y.grad is not None and y.grad.abs().sum() > 0

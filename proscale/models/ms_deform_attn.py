@@ -109,7 +109,7 @@ class MSDeformAttn(nn.Module):
         # Locations and the softmax in fp32 at least (autocast gives bf16 / fp16 linear outputs):
         # a bf16 location in [0, 1] is off by up to half a pixel on a 136-wide map.
         offsets = _at_least_fp32(self.sampling_offsets(query)).view(B, Nq, M, L, P, 2)
-        weights = _at_least_fp32(self.attention_weights(query)).view(B, Nq, M, L * P).softmax(-1)
+        weights = _softmax_last(_at_least_fp32(self.attention_weights(query)).view(B, Nq, M, L * P))
         weights = weights.view(B, Nq, M, L, P)
         reference_points = _at_least_fp32(reference_points)
         if reference_points.shape[-1] == 4:
@@ -117,13 +117,24 @@ class MSDeformAttn(nn.Module):
             locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
         else:
             scale = self.offset_scale(spatial_shapes, offsets)
-            locations = reference_points[:, :, None, :, None, :] + offsets * scale[None, None, None, :, None, :]
+            locations = torch.addcmul(reference_points[:, :, None, :, None, :], offsets,
+                                      scale[None, None, None, :, None, :])  # one pass: ref + offsets * scale
         out = ms_deform_attn(v, spatial_shapes, locations, weights, backend=self.backend)
         return self.output_proj(out)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, "
                 f"n_points={self.n_points}, backend={self.backend!r}")
+
+
+def _softmax_last(x: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension. Without gradients written out (max, exp, sum, divide, in
+    place): torch's softmax kernel over a last dimension of L*P = 12 is ~3.5x slower than these
+    four passes (14 vs 4 ms for 17,850 tokens x 8 heads on the development CPU; docs/speed.md)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x.softmax(-1)
+    e = (x - x.amax(-1, keepdim=True)).exp_()
+    return e.div_(e.sum(-1, keepdim=True))
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
