@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from proscale.config import EncoderConfig
+from proscale.kernels import tracing
 from proscale.models.encoder import DeformableEncoder
 from proscale.models.position_encoding import PositionEmbeddingSine
 
@@ -45,8 +46,9 @@ class LightPixelEmbedding(nn.Module):
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
             x = x.float()  # CPU max-pool in bf16 channels-last: 442 ms against 64 in fp32 (docs/speed.md)
         # Without gradients the 3x3 max as two 3-wide maxima (rows, then columns): the same values,
-        # ~1.6x faster than max_pool2d on CPU (docs/speed.md); training keeps max_pool2d's gradient.
-        pooled = self.pool(x) if torch.is_grad_enabled() else _max3(_max3(x, 3), 2)
+        # ~1.6x faster than max_pool2d on CPU (docs/speed.md); training keeps max_pool2d's gradient,
+        # and exports its standard operator (the out= writes into views do not trace).
+        pooled = self.pool(x) if torch.is_grad_enabled() or tracing() else _max3(_max3(x, 3), 2)
         return F.relu(self.norm(pooled), inplace=True)  # GroupNorm's backward needs no output
 
 
