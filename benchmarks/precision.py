@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import proscale
+from proscale.kernels.linear import Linear
 from proscale.precision import inference_autocast, resolve_dtype
 
 VARIANTS = ("fp32", "bf16", "int8")
@@ -32,7 +33,11 @@ def quantize_linear_int8(model: nn.Module) -> nn.Module:
     activations quantised per call); convolutions stay fp32."""
     from torch.ao.quantization import quantize_dynamic
 
-    return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    model = copy.deepcopy(model)
+    for m in model.modules():  # proscale's oneDNN Linear (kernels/linear.py): plain nn.Linear to quantise
+        if type(m) is Linear:
+            m.__class__ = nn.Linear
+    return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
 def variant(model: nn.Module, name: str) -> tuple[nn.Module, torch.dtype]:

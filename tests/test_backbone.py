@@ -85,3 +85,37 @@ def test_frozen_backbone_does_not_move_in_training(tmp_path):
     end, _ = proscale.load_model(tmp_path / "out" / "model_final.pt")
     moved = [k for k, v in end.state_dict().items() if not torch.equal(v, start[k])]
     assert moved and not any(k.startswith("backbone.") and "running" not in k and "num_batches" not in k for k in moved)
+
+
+def test_frozen_norms_folded_at_inference_give_the_plain_outputs():
+    """R50 with FrozenBN: all 53 norms fold into their convs without gradients; the outputs equal
+    conv-then-norm, the fold follows new weights (load_state_dict), training runs them apart."""
+    from proscale.models.frozen_bn import ConvFrozenBN, FrozenBatchNorm2dInputDtype
+
+    torch.manual_seed(0)
+    bb = TimmBackbone("resnet50", freeze_bn=True).eval()
+    norms = [m for m in bb.modules() if isinstance(m, FrozenBatchNorm2dInputDtype)]
+    assert len(norms) == 53 and all(m.folded for m in norms)
+    assert sum(isinstance(m, ConvFrozenBN) for m in bb.modules()) == 53
+    for m in norms:  # non-trivial statistics
+        m.weight.uniform_(0.5, 1.5), m.bias.normal_(), m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 3, 64, 96)
+
+    def both():
+        with torch.no_grad():
+            folded = bb(x)
+        plain = bb(x)  # gradients on: conv, then the norm
+        return folded, plain
+
+    def close(a, b):  # relative to the map's largest value: the fold only reorders roundings
+        return float((a - b.detach()).abs().max() / b.detach().abs().max()) < 1e-5
+
+    folded, plain = both()
+    assert all(close(folded[k], plain[k]) for k in plain)
+    state = {k: v.clone() for k, v in bb.state_dict().items()}
+    state["body.bn1.running_mean"] += 1.0
+    bb.load_state_dict(state)
+    folded2, plain2 = both()
+    assert not torch.allclose(folded2["res2"], folded["res2"])
+    assert all(close(folded2[k], plain2[k]) for k in plain2)
+    assert list(bb.state_dict()) == list(state)  # same keys: nothing added by the fold

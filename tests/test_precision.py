@@ -101,3 +101,26 @@ def test_bf16_model_close_to_fp32_and_predictor_runs(bf16_units):
         torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8))
     assert out["panoptic"]["panoptic_seg"].shape == (90, 120)
     assert out["sem_seg"].dtype == torch.float32
+
+
+def test_int8_benchmark_quantises_every_linear_layer():
+    """benchmarks/precision.py's int8 variant: every linear layer of the encoder and decoder
+    (proscale's oneDNN Linear included) becomes a dynamic int8 layer; outputs stay near fp32."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from precision import quantize_linear_int8
+
+    from proscale.kernels.linear import Linear
+
+    torch.manual_seed(0)
+    model = proscale.build_model("proscale_tiny_333", num_classes=4).eval()
+    quantised = quantize_linear_int8(model)
+    kinds = {type(m).__name__ for m in quantised.modules()}
+    assert not any(type(m) in (torch.nn.Linear, Linear) for m in quantised.modules()), kinds
+    assert "Linear" in kinds  # torch.ao's dynamic quantised Linear
+    images = torch.randint(0, 256, (1, 3, 96, 128)).float()
+    with torch.inference_mode():
+        a, b = model(images)["pred_masks"], quantised(images)["pred_masks"]
+    assert (a - b).norm() / a.norm() < 0.1

@@ -56,3 +56,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def linear_relu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ReLU(layer(x)), fused where `layer` is our Linear; any other module (e.g. a dynamically
+    quantised linear layer, benchmarks/precision.py) is called as it is."""
+    if type(layer) is Linear:
+        return linear(x, layer.weight, layer.bias, relu=True)
+    return F.relu(layer(x), inplace=True)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from proscale.config import EncoderConfig
-from proscale.kernels.linear import Linear, linear
+from proscale.kernels.linear import Linear, linear_relu
 from proscale.models.constant_cache import ConstantCache
 from proscale.models.ms_deform_attn import MSDeformAttn, SpatialShapes
 
@@ -47,7 +47,7 @@ class EncoderLayer(nn.Module):
         attn = self.self_attn(x + pos, reference_points, x, spatial_shapes, padding_mask)
         x = self.norm1(x + self.dropout1(attn))
         # ReLU fused into linear1 (oneDNN) or in place: (N, ffn_dim) is the layer's largest tensor.
-        h = linear(x, self.linear1.weight, self.linear1.bias, relu=True)
+        h = linear_relu(self.linear1, x)
         x = self.norm2(x + self.dropout3(self.linear2(self.dropout2(h))))
         return x
 

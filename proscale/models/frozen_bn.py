@@ -50,8 +50,11 @@ class ConvFrozenBN(nn.Conv2d):
         tensors = [self.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var]
         if self.bias is not None:
             tensors.append(self.bias)
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
-        if self._cache[0] != key:
+        # Inference tensors (a model built under torch.inference_mode) have no version counter:
+        # no cache then, the fold is recomputed per call.
+        key = None if any(t.is_inference() for t in tensors) else tuple((t.data_ptr(), t._version, t.dtype)
+                                                                         for t in tensors)
+        if key is None or self._cache[0] != key:
             scale, shift = norm.scale_shift()
             weight = self.weight * scale.to(self.weight.dtype).reshape(-1, 1, 1, 1)
             bias = shift if self.bias is None else self.bias * scale + shift

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from proscale.config import DecoderConfig
-from proscale.kernels.linear import Linear, linear, use_onednn
+from proscale.kernels.linear import Linear, linear, linear_relu, use_onednn
 from proscale.models.position_encoding import PositionEmbeddingSine
 
 
@@ -64,7 +64,7 @@ class FFNLayer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, tgt):
-        return self.norm(tgt + self.linear2(linear(tgt, self.linear1.weight, self.linear1.bias, relu=True)))
+        return self.norm(tgt + self.linear2(linear_relu(self.linear1, tgt)))
 
 
 class MLP(nn.Module):
@@ -77,7 +77,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         for i, layer in enumerate(self.layers):
-            x = linear(x, layer.weight, layer.bias, relu=i < len(self.layers) - 1)
+            x = linear_relu(layer, x) if i < len(self.layers) - 1 else layer(x)
         return x
 
 

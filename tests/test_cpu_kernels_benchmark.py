@@ -1,0 +1,20 @@
+"""benchmarks/cpu_kernels.py: each CPU inference fast path gives the standard operator's values."""
+import sys
+from pathlib import Path
+
+import pytest
+
+from proscale.kernels.linear import onednn_available
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+def test_every_fast_path_matches_its_standard_operator():
+    from cpu_kernels import run
+
+    rows = run(repeats=1, tokens=300, hw=(12, 17), image_size=(96, 128))
+    assert [r["case"] for r in rows][-1] == "R50 backbone" and len(rows) == 7
+    for r in rows:
+        assert r["max_rel_diff"] < 1e-4, r
+        assert r["standard"] > 0 and r["fast"] > 0
