@@ -8,7 +8,6 @@ and checks that both give the same values:
   linear (FFN in 256 -> 1024 + ReLU, FFN out 1024 -> 256, 256 -> 256)   F.linear (MKL)  vs oneDNN
   mask product (100 queries x 256 x 200x272)                          einsum          vs 1x1 conv
   softmax over the 12 sample weights                                  torch.softmax   vs written out
-  LPE's 3x3 max (256 x 200x272, channels-last)                        max_pool2d      vs two 3-wide maxima
   R50 backbone (frozen norms)                                         conv + norm     vs folded
 
     python benchmarks/cpu_kernels.py [--threads 2] [--repeats 7]
@@ -29,7 +28,6 @@ from proscale.kernels.linear import linear
 from proscale.models.backbone import TimmBackbone
 from proscale.models.frozen_bn import ConvFrozenBN, FrozenBatchNorm2dInputDtype
 from proscale.models.ms_deform_attn import _softmax_last
-from proscale.models.pixel_decoder import _max3
 from proscale.models.transformer_decoder import mask_logits
 
 TOKENS, HW, IMAGE = 17850, (200, 272), (800, 1088)
@@ -68,7 +66,6 @@ def cases(tokens: int = TOKENS, hw=HW, image_size=IMAGE) -> list[tuple[str, call
         ("linear 256->256", lambda: F.linear(x, w3, b3), lambda: linear(x, w3, b3)),
         ("mask product", lambda: torch.einsum("bqc,bchw->bqhw", embed, feats), lambda: mask_logits(embed, feats)),
         ("softmax over 12", lambda: logits.softmax(-1), lambda: _softmax_last(logits)),
-        ("LPE 3x3 max", lambda: F.max_pool2d(feats, 3, 1, 1), lambda: _max3(_max3(feats, 3), 2)),
         ("R50 backbone", lambda: plain(image)["res5"], lambda: backbone(image)["res5"]),
     ]
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from proscale.config import EncoderConfig
-from proscale.kernels import tracing
 from proscale.models.encoder import DeformableEncoder
 from proscale.models.position_encoding import PositionEmbeddingSine
 
@@ -45,25 +44,7 @@ class LightPixelEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
             x = x.float()  # CPU max-pool in bf16 channels-last: 442 ms against 64 in fp32 (docs/speed.md)
-        # Without gradients the 3x3 max as two 3-wide maxima (rows, then columns): the same values,
-        # ~1.6x faster than max_pool2d on CPU (docs/speed.md); training keeps max_pool2d's gradient,
-        # and exports its standard operator (the out= writes into views do not trace).
-        pooled = self.pool(x) if torch.is_grad_enabled() or tracing() else _max3(_max3(x, 3), 2)
-        return F.relu(self.norm(pooled), inplace=True)  # GroupNorm's backward needs no output
-
-
-def _max3(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Max over windows of 3 along `dim` (stride 1, padded with -inf): out[i] = max(x[i-1:i+2])."""
-    n = x.shape[dim]
-    if n < 2:
-        return x.clone()
-    out = torch.empty_like(x)
-    mid = out.narrow(dim, 1, n - 2)
-    torch.maximum(x.narrow(dim, 0, n - 2), x.narrow(dim, 1, n - 2), out=mid)
-    torch.maximum(mid, x.narrow(dim, 2, n - 2), out=mid)
-    for edge, pair in ((0, 0), (n - 1, n - 2)):
-        torch.maximum(x.narrow(dim, pair, 1), x.narrow(dim, pair + 1, 1), out=out.narrow(dim, edge, 1))
-    return out
+        return F.relu(self.norm(self.pool(x)), inplace=True)  # GroupNorm's backward needs no output
 
 
 class PixelDecoder(nn.Module):
