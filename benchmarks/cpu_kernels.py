@@ -10,6 +10,10 @@ and checks that both give the same values:
   softmax over the 12 sample weights                                  torch.softmax   vs written out
   R50 backbone (frozen norms)                                         conv + norm     vs folded
 
+and, on a CPU with bf16 units, what bf16 can gain over that fp32 path: the FFN's linear layers
+in fp32 (oneDNN) against bf16 autocast (oneDNN), the bound on bf16's speed-up for the layers
+that carry most of the FLOPs (docs/speed.md, "bf16").
+
     python benchmarks/cpu_kernels.py [--threads 2] [--repeats 7]
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ from proscale.models.backbone import TimmBackbone
 from proscale.models.frozen_bn import ConvFrozenBN, FrozenBatchNorm2dInputDtype
 from proscale.models.ms_deform_attn import _softmax_last
 from proscale.models.transformer_decoder import mask_logits
+from proscale.precision import cpu_units
 
 TOKENS, HW, IMAGE = 17850, (200, 272), (800, 1088)
 
@@ -70,14 +75,32 @@ def cases(tokens: int = TOKENS, hw=HW, image_size=IMAGE) -> list[tuple[str, call
     ]
 
 
+def bf16_cases(tokens: int = TOKENS) -> list[tuple[str, callable, callable]]:
+    """(name, fp32 through oneDNN, bf16 autocast) for the encoder FFN's two linear layers."""
+    g = torch.Generator().manual_seed(0)
+    x, h = torch.randn(1, tokens, 256, generator=g), torch.randn(1, tokens, 1024, generator=g)
+    w1, w2 = torch.randn(1024, 256, generator=g) / 16, torch.randn(256, 1024, generator=g) / 32
+
+    def bf16(fn):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn()  # bf16 out, as the next layer takes it
+        return run
+
+    ffn_in, ffn_out = (lambda: linear(x, w1, relu=True)), (lambda: linear(h, w2))
+    return [("FFN 256->1024 + ReLU, fp32 vs bf16", ffn_in, bf16(ffn_in)),
+            ("FFN 1024->256, fp32 vs bf16", ffn_out, bf16(ffn_out))]
+
+
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
 
 
-def run(repeats: int, **sizes) -> list[dict]:
+def run(repeats: int, cases_fn=cases, **sizes) -> list[dict]:
     rows = []
     with torch.inference_mode():
-        for name, standard, fast in cases(**sizes):
+        for name, standard, fast in cases_fn(**sizes):
             diff = max_rel_diff(standard(), fast())
             times = {"standard": [], "fast": []}
             for _ in range(repeats):
@@ -103,6 +126,12 @@ def main(argv=None) -> None:
     print("|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['case']} | {r['standard']:.1f} | {r['fast']:.1f} | {r['speedup']:.2f}x | {r['max_rel_diff']:.1e} |")
+    if cpu_units("bf16"):
+        print(f"\nbf16 units ({', '.join(cpu_units('bf16'))}): fp32 (oneDNN) against bf16 autocast")
+        print("| case | fp32 ms | bf16 ms | speed-up | max rel. difference |")
+        print("|---|---:|---:|---:|---:|")
+        for r in run(args.repeats, bf16_cases):
+            print(f"| {r['case']} | {r['standard']:.1f} | {r['fast']:.1f} | {r['speedup']:.2f}x | {r['max_rel_diff']:.1e} |")
 
 
 if __name__ == "__main__":

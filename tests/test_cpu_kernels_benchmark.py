@@ -18,3 +18,12 @@ def test_every_fast_path_matches_its_standard_operator():
     for r in rows:
         assert r["max_rel_diff"] < 1e-4, r
         assert r["standard"] > 0 and r["fast"] > 0
+
+
+def test_bf16_rows_compare_the_same_layers():
+    from cpu_kernels import bf16_cases, run
+
+    rows = run(repeats=1, cases_fn=bf16_cases, tokens=200)
+    assert len(rows) == 2
+    for r in rows:  # bf16 rounding (8 bits of mantissa), not another function
+        assert 1e-4 < r["max_rel_diff"] < 3e-2, r
