@@ -5,7 +5,7 @@ them at inference.
 A frozen norm is an affine map per channel, y = x * scale + shift. After a convolution it can
 be folded into the convolution's weights (w * scale) and bias (shift): one pass over the output
 less per norm, two element-wise operations less on the largest maps of the network (R50 has 53
-norms; docs/speed.md, "Frozen norms folded"). Folding happens only where no gradient is
+norms; docs/speed.md, "Where the fp32 time went"). Folding happens only where no gradient is
 wanted (inference, evaluation); training runs conv and norm as written. Parameters, buffers
 and state-dict keys are untouched: the folded weights are a cache, rebuilt when any of them
 changes (load_state_dict, .to()).
@@ -98,4 +98,3 @@ def fold_frozen_norms_(body: nn.Module) -> int:
                 norm.folded = True
                 folded += 1
     return folded
-

@@ -86,7 +86,8 @@ def mask_logits(embed: torch.Tensor, mask_features: torch.Tensor) -> torch.Tenso
 
     For fp32 CPU inference it is a 1x1 convolution per image with the embeddings as weights,
     through oneDNN (see proscale/kernels/linear.py for why), on channels-last features; the
-    result is channels-last too: 2x faster than the einsum on the development CPU (docs/speed.md)."""
+    result is channels-last too: ~3x faster than the einsum on the development CPU
+    (benchmarks/cpu_kernels.py)."""
     if not use_onednn(mask_features, embed):
         return torch.einsum("bqc,bchw->bqhw", embed, mask_features)
     out = [F.conv2d(mask_features[b:b + 1], embed[b, :, :, None, None]) for b in range(embed.shape[0])]
