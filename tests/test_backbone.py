@@ -119,3 +119,23 @@ def test_frozen_norms_folded_at_inference_give_the_plain_outputs():
     assert not torch.allclose(folded2["res2"], folded["res2"])
     assert all(close(folded2[k], plain2[k]) for k in plain2)
     assert list(bb.state_dict()) == list(state)  # same keys: nothing added by the fold
+
+
+def test_folded_backbone_exports():
+    """torch.export of an R50 with folded frozen norms (fake tensors: no cache, the fold is
+    traced into the graph) gives the eager outputs."""
+
+    class Res5(torch.nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return self.body(x)["res5"]
+
+    torch.manual_seed(0)
+    model = Res5(TimmBackbone("resnet50", freeze_bn=True).eval())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        torch.testing.assert_close(program.module()(x), model(x))

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from proscale.kernels import tracing
+
 
 class FrozenBatchNorm2dInputDtype(FrozenBatchNorm2d):
     """torchvision's FrozenBatchNorm2d with the scale and shift in the input's dtype: in fp32 the
@@ -50,10 +52,12 @@ class ConvFrozenBN(nn.Conv2d):
         tensors = [self.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var]
         if self.bias is not None:
             tensors.append(self.bias)
-        # Inference tensors (a model built under torch.inference_mode) have no version counter:
-        # no cache then, the fold is recomputed per call.
-        key = None if any(t.is_inference() for t in tensors) else tuple((t.data_ptr(), t._version, t.dtype)
-                                                                         for t in tensors)
+        # No cache while tracing (fake tensors have no storage; the exported graph folds it) or
+        # for inference tensors (a model built under torch.inference_mode: no version counter).
+        if tracing() or any(t.is_inference() for t in tensors):
+            key = None
+        else:
+            key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
         if key is None or self._cache[0] != key:
             scale, shift = norm.scale_shift()
             weight = self.weight * scale.to(self.weight.dtype).reshape(-1, 1, 1, 1)
