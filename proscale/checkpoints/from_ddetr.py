@@ -25,6 +25,7 @@ import torch
 
 from proscale.checkpoints.errors import CheckpointError
 from proscale.checkpoints.load_state import build_loaded_model
+from proscale.checkpoints.state_dict import rename
 from proscale.config import BackboneConfig, DetrConfig, DetrDecoderConfig, EncoderConfig
 
 # Hugging Face names (full match) -> ours.
@@ -114,13 +115,11 @@ def convert_ddetr_state_dict(state: Mapping[str, torch.Tensor], cfg: DetrConfig,
         if m:
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
             continue
-        for pattern, target in rules:
-            m = pattern.fullmatch(key)
-            if m:
-                out[m.expand(target)] = value
-                break
-        else:
+        name = rename(key, rules)
+        if name is None:
             unmapped.append(key)
+        else:
+            out[name] = value
     for (layer, kind), parts in qkv.items():
         out[f"decoder.layers.{layer}.self_attn.in_proj_{kind}"] = torch.cat([parts[p] for p in "qkv"], 0)
     for name, (key, value) in copies.items():  # the decoder's copies must be the heads themselves

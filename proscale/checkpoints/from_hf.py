@@ -29,7 +29,7 @@ from proscale.checkpoints.errors import CheckpointError
 from proscale.checkpoints.hf_swin import swin_backbone_name, swin_from_hf
 from proscale.checkpoints.load_state import build_loaded_model
 from proscale.checkpoints.safe_load import safe_load
-from proscale.checkpoints.state_dict import extract_state_dict
+from proscale.checkpoints.state_dict import extract_state_dict, rename
 from proscale.config import BackboneConfig, DecoderConfig, EncoderConfig, ModelConfig
 
 _PIX = "model.pixel_level_module."
@@ -133,13 +133,11 @@ def map_hf_state_dict(hf_state: Mapping[str, torch.Tensor]) -> Conversion:
             layer, part, kind = m.groups()
             qkv.setdefault((layer, kind), {})[part] = (original, value)
             continue
-        for pattern, target in _RENAMES:
-            m = pattern.fullmatch(key)
-            if m:
-                out[m.expand(target)] = value
-                break
-        else:
+        name = rename(key, _RENAMES)
+        if name is None:
             unmapped.append(original)
+        else:
+            out[name] = value
     for (layer, kind), parts in sorted(qkv.items()):
         if set(parts) != {"q", "k", "v"}:  # a lone q/k/v projection cannot be stacked
             unmapped.extend(key for key, _ in parts.values())

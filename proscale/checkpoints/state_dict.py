@@ -10,7 +10,8 @@ fundamentalvision/Deformable-DETR checkpoints; converted by checkpoints/from_dde
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import re
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -26,6 +27,16 @@ DETECTRON2_PREFIXES = ("sem_seg_head.", "backbone.stem.", "backbone.res", "backb
 HF_PREFIXES = ("model.pixel_level_module.", "model.transformer_module.", "pixel_level_module.",
                "transformer_module.", "class_predictor.")
 DDETR_PREFIXES = ("transformer.encoder.", "transformer.decoder.", "model.encoder.layers.", "model.decoder.layers.")
+
+
+def rename(key: str, rules: Iterable[tuple[re.Pattern, str]]) -> str | None:
+    """The key's new name from the first (pattern, target) rule that matches all of it
+    (`target` may use the pattern's groups, as in re.Match.expand), or None if none does."""
+    for pattern, target in rules:
+        m = pattern.fullmatch(key)
+        if m:
+            return m.expand(target)
+    return None
 
 
 def as_tensor(value: Any, key: str) -> torch.Tensor:

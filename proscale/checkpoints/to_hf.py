@@ -30,6 +30,7 @@ import torch
 from proscale.checkpoints.errors import CheckpointError
 from proscale.checkpoints.from_hf import map_hf_state_dict
 from proscale.checkpoints.hf_swin import swin_hf_config, swin_to_hf
+from proscale.checkpoints.state_dict import rename
 from proscale.config import ModelConfig
 from proscale.fileio import atomic_write
 from proscale.models.pretrained import safetensors_bytes
@@ -181,13 +182,11 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
             for part, chunk in zip("qkv", value.chunk(3, dim=0)):
                 out[f"{_DEC}decoder.layers.{layer}.self_attn.{part}_proj.{kind}"] = chunk.clone()
             continue
-        for pattern, target in _TO_HF:
-            m = pattern.fullmatch(key)
-            if m:
-                out[m.expand(target)] = value
-                break
-        else:
+        name = rename(key, _TO_HF)
+        if name is None:
             unmapped.append(key)
+        else:
+            out[name] = value
     if unmapped:
         raise CheckpointError(f"{len(unmapped)} proscale keys have no transformers Mask2Former name: "
                               f"{', '.join(unmapped[:10])}{' ...' if len(unmapped) > 10 else ''}")
