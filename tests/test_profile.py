@@ -76,3 +76,14 @@ def test_profile_refuses_a_detector():
     detector = proscale.build_model("ddetr_nano", num_classes=4).eval()
     with pytest.raises(TypeError, match="MaskFormer"):
         profile_models({"d": detector}, torch.zeros(1, 3, 64, 64), warmup=0, repeats=1)
+
+
+def test_round_ratios_pair_the_rounds(report):
+    """Per-round ratios: one per round, each the PRO-SCALE time over the baseline's of that
+    round (they took turns), printed as a range under the table."""
+    ratios = report.round_ratios["proscale_tiny_333"]
+    assert set(ratios) == {"pixel_decoder", "total"}
+    for group, values in ratios.items():
+        assert len(values) == report.repeats and all(v > 0 for v in values)
+    line = report.spread()
+    assert line.startswith("proscale_tiny_333/m2f_tiny time ratio per round") and "pixel decoder" in line

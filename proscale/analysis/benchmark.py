@@ -333,6 +333,7 @@ def _main(args) -> int:
         profile = run_profile(presets, (h, w), args.batch, args.device, args.dtype, max(1, args.warmup),
                               args.repeats, args.num_classes, args.threads)
         print(profile.table())
+        print(profile.spread())
         out["profile"] = profile.to_dict()
     if args.throughput or args.compile:
         result = run_throughput(presets, (h, w), tuple(args.throughput_batches), args.device, args.dtype,

@@ -145,6 +145,9 @@ class ProfileReport:
     columns: list[str] = field(default_factory=list)
     ms: dict[str, dict[str, float]] = field(default_factory=dict)  # column -> component -> median ms
     gflops: dict[str, dict[str, float]] = field(default_factory=dict)  # column -> component -> GFLOPs
+    # column -> group -> the column's time over the baseline's in each round (the models take
+    # turns, so a round's two times saw the same machine): the spread behind the median ratio.
+    round_ratios: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def above_flops(self, column: str, group: str = "pixel_decoder") -> dict[str, float]:
         """component -> ms above the FLOP-proportional time at the baseline's rate over `group`
@@ -183,6 +186,14 @@ class ProfileReport:
                  f"{self.threads} threads, inference, median of {self.repeats} interleaved rounds")
         return title + "\n" + "\n".join(lines)
 
+    def spread(self) -> str:
+        """One line per compared model: the range of its per-round time ratios."""
+        base, lines = self.columns[0], []
+        for c, groups in self.round_ratios.items():
+            ranges = "; ".join(f"{LABELS[g]} {min(r):.2f}-{max(r):.2f}x" for g, r in groups.items() if r)
+            lines.append(f"{c}/{base} time ratio per round (min-max of {self.repeats}): {ranges}")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -218,6 +229,10 @@ def profile_models(models: dict[str, nn.Module], images: torch.Tensor, dtype: to
     for _ in range(repeats):
         for name, model in models.items():
             samples[name].append(one(model))
+    base = next(iter(models))
+    for name in list(models)[1:]:
+        report.round_ratios[name] = {g: [s[g] / b[g] for s, b in zip(samples[name], samples[base]) if b[g] > 0]
+                                     for g in ("pixel_decoder", "total")}
     for name, model in models.items():
         ms = {k: statistics.median(s[k] for s in samples[name]) for k in LABELS}
         # The two 'other' rows from the medians, so that every group's rows sum to its median.
