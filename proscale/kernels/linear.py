@@ -1,9 +1,9 @@
 """Linear layers for fp32 CPU inference through oneDNN.
 
-`F.linear` in fp32 on a CPU runs MKL's sgemm. MKL picks its code path by CPU vendor, and on AMD
-CPUs it takes the AVX2 one: on the development EPYC (AVX-512) the encoder's linear layers ran at
-85-90 GMAC/s, where oneDNN's matmul, the kernel torch.compile's CPU back end calls, reaches
-180-200 and fuses the FFN's ReLU (docs/speed.md, "Where the fp32 time went"). oneDNN ships
+`F.linear` in fp32 on a CPU runs MKL's sgemm, which is known to choose its kernels by CPU
+vendor (no AVX-512 kernels on AMD CPUs): on the development EPYC (AVX-512) the encoder's linear
+layers ran at 85-90 GMAC/s, where oneDNN's matmul, the kernel torch.compile's CPU back end
+calls, reaches 180-200 and fuses the FFN's ReLU (docs/speed.md, "Where the fp32 time went"). oneDNN ships
 inside torch (`torch.ops.mkldnn._linear_pointwise`): no extension to build.
 
 The oneDNN call has no autograd formula and is not a standard operator, so it is taken only
