@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -257,6 +258,15 @@ class TrainConfig:
 # ------------------------------------------------------------------------------ plain data
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def plain(value: Any) -> Any:
+    """JSON- and weights_only-safe: mappings with string keys and lists (tuples become lists)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 def from_dict(cls: type, data: dict) -> Any:

@@ -32,6 +32,7 @@ from proscale.checkpoints.from_hf import (  # noqa: E402
     UnmappedKeysError, config_from_hf, convert_hf_state_dict, load_hf_model, map_hf_state_dict,
 )
 from proscale.config import to_dict  # noqa: E402
+from randomize import randomize_  # noqa: E402  (tests/randomize.py)
 
 # Largest max-abs differences measured (fused / grid_sample MSDA, torch 2.14.1, transformers 5.24):
 # encoder 4.2e-6 / 5.3e-6, mask features 1.8e-6, class logits 8.9e-7 (aux 1.2e-6), mask logits
@@ -69,21 +70,6 @@ def hf_config(name: str):
     # transformers 5: the timm backbone is a TimmBackboneConfig; the v4 keywords
     # (use_timm_backbone=True, backbone="resnet50") now look the name up on the Hub.
     return transformers.Mask2FormerConfig(backbone_config=backbone, **kw)
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Moves every float parameter and buffer away from its init (zeros, ones, identity offsets),
-    so a weight mapped to the wrong place, or not at all, changes the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if not t.is_floating_point() or name.startswith("criterion."):
-            continue
-        if name.endswith("running_var"):
-            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            continue
-        std = float(t.std()) if t.numel() > 1 else 0.0
-        t.add_(torch.randn(t.shape, generator=g) * (0.5 * std if std > 0 else 0.05))
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

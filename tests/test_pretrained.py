@@ -26,6 +26,7 @@ from proscale.checkpoints import CheckpointError, save_model  # noqa: E402
 from proscale.checkpoints import convert as convert_cmd  # noqa: E402
 from proscale.checkpoints.to_hf import hf_problems  # noqa: E402
 from proscale.config import BackboneConfig, DecoderConfig, EncoderConfig, ModelConfig, to_dict  # noqa: E402
+from randomize import randomize_  # noqa: E402  (tests/randomize.py)
 
 METADATA = {"name": "mine", "categories": [
     {"id": 3, "name": "person", "isthing": True, "color": [220, 20, 60]},
@@ -47,21 +48,6 @@ def run_cli(argv):
     convert_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every float tensor moved away from its init (zeros, ones, identity offsets)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, t in model.state_dict().items():
-        if not t.is_floating_point():
-            continue
-        if name.endswith("running_var"):
-            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            continue
-        std = float(t.std()) if t.numel() > 1 else 0.0
-        t.add_(torch.randn(t.shape, generator=g) * (0.5 * std if std > 0 else 0.05))
-    return model.eval()
 
 
 def _images(sizes, seed=3):

@@ -28,6 +28,11 @@ from proscale.checkpoints.load_state import build_loaded_model
 from proscale.checkpoints.state_dict import rename
 from proscale.config import BackboneConfig, DetrConfig, DetrDecoderConfig, EncoderConfig
 
+# The prediction heads: the same names in both namings.
+_HEADS: list[tuple[str, str]] = [
+    (r"class_embed\.(\d+)\.(weight|bias)", r"class_embed.\1.\2"),
+    (r"bbox_embed\.(\d+)\.layers\.(\d)\.(weight|bias)", r"bbox_embed.\1.layers.\2.\3"),
+]
 # Hugging Face names (full match) -> ours.
 _HF: list[tuple[str, str]] = [
     # In memory `model.backbone.model.`; in files (save_pretrained, the Hub) `model.backbone.conv_encoder.model.`.
@@ -49,8 +54,7 @@ _HF: list[tuple[str, str]] = [
     (r"model\.query_position_embeddings\.weight", r"query_embed.weight"),
     (r"model\.reference_points\.(weight|bias)", r"reference_points.\1"),
     (r"model\.(enc_output|enc_output_norm|pos_trans|pos_trans_norm)\.(weight|bias)", r"\1.\2"),
-    (r"class_embed\.(\d+)\.(weight|bias)", r"class_embed.\1.\2"),
-    (r"bbox_embed\.(\d+)\.layers\.(\d)\.(weight|bias)", r"bbox_embed.\1.layers.\2.\3"),
+    *_HEADS,
 ]
 # The original repository's names -> ours (its decoder layer: norm2 after self-attention,
 # norm1 after cross-attention; nn.MultiheadAttention keeps in_proj as ours does).
@@ -69,8 +73,7 @@ _ORIGINAL: list[tuple[str, str]] = [
     (r"query_embed\.weight", r"query_embed.weight"),
     (r"transformer\.reference_points\.(weight|bias)", r"reference_points.\1"),
     (r"transformer\.(enc_output|enc_output_norm|pos_trans|pos_trans_norm)\.(weight|bias)", r"\1.\2"),
-    (r"class_embed\.(\d+)\.(weight|bias)", r"class_embed.\1.\2"),
-    (r"bbox_embed\.(\d+)\.layers\.(\d)\.(weight|bias)", r"bbox_embed.\1.layers.\2.\3"),
+    *_HEADS,
 ]
 # The decoder's references to the top-level heads, and BatchNorm step counters: not weights.
 _COPIES = re.compile(r"(model|transformer)\.decoder\.(class_embed|bbox_embed)\.(.+)")

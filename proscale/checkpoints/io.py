@@ -58,14 +58,14 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, An
     The suffix picks the format: .pt/.pth (torch) or .safetensors (config in the metadata).
     """
     import proscale
-    from proscale.config import to_dict
+    from proscale.config import plain, to_dict
 
     cfg = getattr(model, "cfg", None)
     if cfg is None:
         raise CheckpointError("the model has no .cfg; build it with proscale.build_model to save a whole-model "
                               "checkpoint")
     obj: dict[str, Any] = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                           "config": _plain(to_dict(cfg)), "proscale_version": proscale.__version__}
+                           "config": plain(to_dict(cfg)), "proscale_version": proscale.__version__}
     if extra:
         obj.update(extra)
     fmt = checkpoint_format(Path(path), default="torch")
@@ -73,15 +73,6 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, An
         raise CheckpointError(f"{path}: save proscale checkpoints as .pt or .safetensors (use convert --to "
                               f"detectron2 for a .pkl)")
     return atomic_save(obj, path, fmt=fmt)
-
-
-def _plain(value: Any) -> Any:
-    """Config dicts made of str / int / float / bool / None / lists only (safe for weights_only and JSON)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 __all__ = ["atomic_save", "save_model", "CheckpointError", "CorruptCheckpointError", "UnsafeCheckpointError",

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import torch
 
-from proscale.config import to_dict
+from proscale.config import plain, to_dict
 from proscale.fileio import atomic_write
 
 CONFIG_NAME = "config.json"
@@ -49,25 +49,16 @@ def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str
     return save(out, metadata=metadata)
 
 
-def _plain(value: Any) -> Any:
-    """JSON-ready: tuples become lists, keys strings."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def pretrained_config(cfg, metadata: Mapping | None = None, inference: Mapping | None = None) -> dict:
     """The config.json dict of a model built from ModelConfig `cfg`."""
     import proscale
 
     out: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                           "proscale_version": proscale.__version__, "model": _plain(to_dict(cfg))}
+                           "proscale_version": proscale.__version__, "model": plain(to_dict(cfg))}
     if metadata:
-        out["metadata"] = _plain(metadata)
+        out["metadata"] = plain(metadata)
     if inference:
-        out["inference"] = _plain(inference)
+        out["inference"] = plain(inference)
     return out
 
 

@@ -106,7 +106,7 @@ class MaskedAttentionDecoder(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, cfg: DecoderConfig):
         super().__init__()
         d, n = cfg.hidden_dim, cfg.nheads
-        self.num_heads, self.num_layers = n, cfg.dec_layers
+        self.num_layers = cfg.dec_layers
         self.pe_layer = PositionEmbeddingSine(d // 2, normalize=True)
         self.transformer_self_attention_layers = nn.ModuleList(SelfAttentionLayer(d, n) for _ in range(cfg.dec_layers))
         self.transformer_cross_attention_layers = nn.ModuleList(CrossAttentionLayer(d, n) for _ in range(cfg.dec_layers))

@@ -11,11 +11,11 @@ from proscale.fileio import atomic_write
 from proscale.models.detr.targets import mask_boxes
 from proscale.predictor import Predictor
 from proscale.quickstart.config import DET_MODELS, QuickstartConfig, run_dir, val_dataset
-from proscale.quickstart.figures import plot_loss_curves, save_overview, side_by_side, titled, upscale
+from proscale.quickstart.figures import overlay_rows, plot_loss_curves, titled
 from proscale.quickstart.tables import difference, fmt, ratio
 from proscale.report_html import markdown_table, markdown_to_html, text_table
 from proscale.tradeoff.summary import Stat
-from proscale.visualize import draw_boxes, save_png, to_rgb_array
+from proscale.visualize import draw_boxes
 
 METRICS = ("box_AP", "box_AP50", "box_AP75")
 HEAD = ["model", "encoder GFLOPs", "total GFLOPs", "encoder ms", "model ms", "box AP", "AP50", "AP75"]
@@ -62,26 +62,18 @@ def write_overlays(cfg: QuickstartConfig, out_dir: Path, count: int) -> list[Pat
     md = dataset.metadata
     things = set(md.thing_classes)
     predictors = {key: Predictor(run_dir(cfg, key) / "model_final.pt", device=cfg.device) for key, _, _ in DET_MODELS}
-    paths, rows = [], []
-    for index in range(min(count, len(dataset))):
-        sample = dataset[index]
-        h, w = sample["image"].shape[-2:]
-        factor = max(1, int(round(256 / max(h, w))))
-        image = upscale(to_rgb_array(sample["image"]), factor)
+
+    def panels(sample, image, factor):
         keep = [i for i, label in enumerate(sample["labels"].tolist()) if label in things]
         gt = mask_boxes(sample["masks"][keep]) * factor
-        panels = [titled(image, "input"),
-                  titled(draw_boxes(image, gt, sample["labels"][keep], None, md), "ground truth")]
+        out = [titled(draw_boxes(image, gt, sample["labels"][keep], None, md), "ground truth")]
         for key, name, _ in DET_MODELS:
             det = predictors[key].predict(sample["image"])["detections"]
-            panels.append(titled(draw_boxes(image, det["boxes"] * factor, det["labels"], det["scores"], md,
-                                            SCORE_THRESHOLD), name))
-        row = side_by_side(panels)
-        rows.append(row)
-        paths.append(save_png(row, out_dir / f"val_{int(sample['image_id']):06d}.png"))
-    if rows:
-        paths.append(save_overview(rows, out_dir))
-    return paths
+            out.append(titled(draw_boxes(image, det["boxes"] * factor, det["labels"], det["scores"], md,
+                                         SCORE_THRESHOLD), name))
+        return out
+
+    return overlay_rows(dataset, count, out_dir, panels)
 
 
 def component_lines(measure: dict) -> str:

@@ -171,13 +171,10 @@ def side_by_side(panels: list[np.ndarray], gap: int = 4) -> np.ndarray:
     return np.concatenate(out, axis=1)
 
 
-def write_overlays(cfg: QuickstartConfig, models, out_dir: Path, count: int) -> list[Path]:
-    """For the first `count` val images: input | ground truth | each model's panoptic result,
-    upscaled (nearest for the segment maps) so that labels are readable. Returns the rows' PNGs,
-    then the overview (all rows stacked) last."""
-    dataset = val_dataset(cfg)
-    predictors = {key: Predictor(run_dir(cfg, key) / "model_final.pt", device=cfg.device, tasks=("panoptic",))
-                  for key, _, _ in models}
+def overlay_rows(dataset, count: int, out_dir: Path, panels) -> list[Path]:
+    """For the first `count` samples of `dataset`: one row, the input upscaled to about 256 px
+    then `panels(sample, image, factor)` (the upscaled image and its integer factor), saved as
+    val_<id>.png. Returns the rows' PNGs, then the overview (all rows stacked) last."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, rows = [], []
     for index in range(min(count, len(dataset))):
@@ -185,20 +182,34 @@ def write_overlays(cfg: QuickstartConfig, models, out_dir: Path, count: int) -> 
         h, w = sample["image"].shape[-2:]
         factor = max(1, int(round(256 / max(h, w))))
         image = upscale(to_rgb_array(sample["image"]), factor)
-        masks = upscale(sample["masks"].numpy().transpose(1, 2, 0), factor).transpose(2, 0, 1)  # (N, fH, fW)
-        big = {"image": image, "labels": sample["labels"], "masks": torch.from_numpy(np.ascontiguousarray(masks))}
-        panels = [titled(image, "input"), titled(draw_ground_truth(big, dataset.metadata), "ground truth")]
-        for key, name, _ in models:
-            p = predictors[key]
-            pan = p.predict(sample["image"])["panoptic"]
-            seg = upscale(pan["panoptic_seg"].numpy(), factor)
-            panels.append(titled(draw_panoptic(image, seg, pan["segments_info"], p.metadata), name))
-        row = side_by_side(panels)
+        row = side_by_side([titled(image, "input")] + panels(sample, image, factor))
         rows.append(row)
         paths.append(save_png(row, out_dir / f"val_{int(sample['image_id']):06d}.png"))
     if rows:
         paths.append(save_overview(rows, out_dir))
     return paths
+
+
+def write_overlays(cfg: QuickstartConfig, models, out_dir: Path, count: int) -> list[Path]:
+    """For the first `count` val images: input | ground truth | each model's panoptic result,
+    upscaled (nearest for the segment maps) so that labels are readable. Returns the rows' PNGs,
+    then the overview (all rows stacked) last."""
+    dataset = val_dataset(cfg)
+    predictors = {key: Predictor(run_dir(cfg, key) / "model_final.pt", device=cfg.device, tasks=("panoptic",))
+                  for key, _, _ in models}
+
+    def panels(sample, image, factor):
+        masks = upscale(sample["masks"].numpy().transpose(1, 2, 0), factor).transpose(2, 0, 1)  # (N, fH, fW)
+        big = {"image": image, "labels": sample["labels"], "masks": torch.from_numpy(np.ascontiguousarray(masks))}
+        out = [titled(draw_ground_truth(big, dataset.metadata), "ground truth")]
+        for key, name, _ in models:
+            p = predictors[key]
+            pan = p.predict(sample["image"])["panoptic"]
+            seg = upscale(pan["panoptic_seg"].numpy(), factor)
+            out.append(titled(draw_panoptic(image, seg, pan["segments_info"], p.metadata), name))
+        return out
+
+    return overlay_rows(dataset, count, out_dir, panels)
 
 
 def save_overview(rows: list[np.ndarray], out_dir: Path) -> Path:
